@@ -1,0 +1,118 @@
+"""The nightly batch: prompts in, published images and a manifest out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import datetime
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed, State
+
+from imagebatch.batch import BatchRun, BatchSummary, default_batch_id, summarize
+from imagebatch.errors import ImageBatchError
+from imagebatch.models import Prompt
+from imagebatch.progress import BatchProgress
+from imagebatch.runtime import BatchRuntime
+from imagebatch.storage import open_sink
+from tasks.generate import generate_image
+from tasks.load import load_config, load_prompts
+from tasks.process import process_image
+from tasks.publish import publish_images, record_failure
+from tasks.report import (
+    find_finished,
+    publish_report,
+    start_progress,
+    update_progress,
+    write_manifest,
+)
+
+
+def _run_day() -> datetime:
+    """The scheduled start of this run (its date names the default batch), in local time."""
+    scheduled = flow_run.scheduled_start_time
+    return (scheduled or datetime.now()).astimezone()
+
+
+@flow(name="nightly-batch")
+async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
+    """Generate, process and publish every prompt of a batch; resumable by batch id.
+
+    Args:
+        run: what to run (prompt file, config, output, batch id, bad-row policy, in-flight cap).
+
+    Returns:
+        Completed when every prompt succeeded or was blocked; Completed named "Partially
+        succeeded" when the failed and skipped prompts stay within the config's failure
+        threshold; Failed above it. The UI shows a live progress artifact, and at the end a
+        table per provider (``imagebatch-summary``) and a report (``imagebatch-report``).
+    """
+    run = run or BatchRun()
+    logger = get_run_logger()
+    config = load_config(run.config)
+    loaded = load_prompts(run.prompts, skip_bad_rows=run.skip_bad_rows)
+    for rejected in loaded.rejected:
+        logger.warning("skipped bad row of %s: %s", loaded.source, rejected)
+
+    batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
+    sink = open_sink(run.output or config.output)
+    with sink.lock(batch_id):
+        runtime = BatchRuntime(config, sink, batch_id, env=os.environ)
+        finished = find_finished(runtime.records)
+        progress = BatchProgress(batch_id=batch_id, total=len(loaded.prompts))
+        artifact_id = await start_progress(progress)
+        limit = asyncio.Semaphore(run.max_in_flight or config.max_in_flight)
+        logger.info(
+            "batch %s: %d prompts, %d already done, output %s",
+            batch_id,
+            len(loaded.prompts),
+            len(finished & {p.id for p in loaded.prompts}),
+            sink.uri(batch_id),
+        )
+
+        async def settle(prompt: Prompt) -> None:
+            if prompt.id in finished:
+                progress.record("resumed")
+            else:
+                async with limit:
+                    progress.record(await _run_prompt(prompt, runtime))
+            await update_progress(artifact_id, progress)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for prompt in loaded.prompts:
+                    group.create_task(settle(prompt))
+        finally:
+            await runtime.aclose()
+
+        ids = [p.id for p in loaded.prompts]
+        records = write_manifest(runtime.records, ids, finished)
+        summary = summarize(
+            batch_id,
+            records,
+            resumed=finished & set(ids),
+            rejected_rows=len(loaded.rejected),
+            failure_threshold=config.failure_threshold,
+            manifest_uri=runtime.records.manifest_uri,
+        )
+        await update_progress(artifact_id, progress, final=True)
+        await publish_report(summary, records)
+
+    logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
+    if summary.outcome == "failed":
+        return Failed(message=summary.message, data=summary)
+    if summary.outcome == "partial":
+        return Completed(message=summary.message, name="Partially succeeded", data=summary)
+    return Completed(message=summary.message, data=summary)
+
+
+async def _run_prompt(prompt: Prompt, runtime: BatchRuntime) -> str:
+    """Generate, process and publish one prompt; record why if it does not succeed."""
+    try:
+        image = await generate_image(prompt, runtime)
+        renditions = await process_image(prompt, image, runtime)
+        record = await publish_images(prompt, image, renditions, runtime)
+    except ImageBatchError as exc:
+        record = await record_failure(prompt, exc, runtime)
+    return record.status

@@ -1,0 +1,115 @@
+"""A batch as a whole: its run parameters, its id, and how its outcome is judged."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import date
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagebatch.models import SAFE_ID_PATTERN, PromptRecord
+
+__all__ = ["BatchRun", "BatchSummary", "Outcome", "default_batch_id", "summarize"]
+
+Outcome = Literal["completed", "partial", "failed"]
+
+
+class BatchRun(BaseModel):
+    """What to run: the one parameter of the nightly flow (a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str = Field(
+        default="examples/prompts.jsonl",
+        description="Prompt file (JSONL, CSV or YAML): a path on the worker",
+    )
+    config: str | None = Field(
+        default=None, description="Config YAML path; empty for the embedded offline default"
+    )
+    output: str | None = Field(
+        default=None, description="Output directory; empty for the config's `output`"
+    )
+    batch_id: str | None = Field(
+        default=None,
+        pattern=SAFE_ID_PATTERN,
+        description="Same id resumes that batch; empty for '<prompt file name>-<date>'",
+    )
+    skip_bad_rows: bool = Field(
+        default=False, description="Skip malformed prompt rows (reported) instead of failing"
+    )
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=1000, description="Prompts worked on at once; empty for the config's"
+    )
+
+
+def default_batch_id(source: str, day: date) -> str:
+    """``<prompt file stem>-<YYYY-MM-DD>``, reduced to the characters ids may hold."""
+    stem = PurePosixPath(source.replace("\\", "/")).name.split(".")[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "batch"
+    return f"{stem[:100]}-{day.isoformat()}"
+
+
+class BatchSummary(BaseModel):
+    """The counts a batch ends with; what the CLI prints and the flow returns."""
+
+    batch_id: str
+    total: int
+    succeeded: int = 0
+    blocked: int = 0
+    failed: int = 0
+    skipped: int = 0
+    resumed: int = 0
+    rejected_rows: int = 0
+    cost_usd: float = 0.0
+    manifest_uri: str
+    outcome: Outcome
+    message: str
+
+
+def summarize(
+    batch_id: str,
+    records: list[PromptRecord],
+    *,
+    resumed: set[str],
+    rejected_rows: int,
+    failure_threshold: float,
+    manifest_uri: str,
+) -> BatchSummary:
+    """Count the records and judge the outcome against the failure threshold.
+
+    Completed: every prompt succeeded or was blocked. Partial: some failed or were skipped, but
+    no more than ``failure_threshold`` of them. Failed: above that.
+    """
+    counts = Counter(r.status for r in records)
+    total = len(records)
+    unsettled = counts["failed"] + counts["skipped"]
+    if unsettled == 0:
+        outcome: Outcome = "completed"
+    elif total and unsettled / total <= failure_threshold:
+        outcome = "partial"
+    else:
+        outcome = "failed"
+    parts = [f"{counts['succeeded']} succeeded"]
+    parts += [f"{counts[s]} {s}" for s in ("blocked", "failed", "skipped") if counts[s]]
+    if resumed:
+        parts.append(f"{len(resumed)} resumed")
+    message = f"{', '.join(parts)} of {total} prompts"
+    if outcome == "failed":
+        message += f" (over the failure threshold of {failure_threshold:.0%})"
+    return BatchSummary(
+        batch_id=batch_id,
+        total=total,
+        succeeded=counts["succeeded"],
+        blocked=counts["blocked"],
+        failed=counts["failed"],
+        skipped=counts["skipped"],
+        resumed=len(resumed),
+        rejected_rows=rejected_rows,
+        cost_usd=round(sum(r.cost_usd for r in records if r.id not in resumed), 6),
+        manifest_uri=manifest_uri,
+        outcome=outcome,
+        message=message,
+    )

@@ -1,0 +1,165 @@
+"""The ``imagebatch`` command.
+
+The entry point is the one place in the package that reaches the orchestration layer, and it
+does so lazily inside each command, so ``import imagebatch`` never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from imagebatch.progress import BatchProgress, add_listener, remove_listener
+
+if TYPE_CHECKING:
+    from imagebatch.batch import BatchSummary
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagebatch",
+        description="Publish AI-generated images in nightly batches, orchestrated by Prefect.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one batch now",
+        description="Run one batch now. Exit status: 0 completed or partially succeeded, "
+        "1 failed, 2 bad input (prompt file, config, output).",
+    )
+    run.add_argument("prompts", metavar="PROMPTS", help="prompt file: .jsonl, .csv or .yaml")
+    run.add_argument("--config", metavar="FILE", help="config YAML (default: embedded, offline)")
+    run.add_argument("--output", metavar="DIR_OR_URI", help="output location (default: config)")
+    run.add_argument(
+        "--batch-id", metavar="ID", help="resume this batch (default: <prompt file name>-<date>)"
+    )
+    run.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and report malformed prompt rows"
+    )
+    run.add_argument("--max-in-flight", type=int, metavar="N", help="prompts worked on at once")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.handler(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from imagebatch.batch import BatchRun
+    from imagebatch.errors import InputError
+
+    try:
+        params = BatchRun(
+            prompts=args.prompts,
+            config=args.config,
+            output=args.output,
+            batch_id=args.batch_id,
+            skip_bad_rows=args.skip_bad_rows,
+            max_in_flight=args.max_in_flight,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return EXIT_INPUT
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # without PREFECT_API_URL Prefect starts a temporary server; a first start migrates its
+    # database, which takes longer than Prefect's 20 s default on a small machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # that temporary server is stopped at exit mid-flush and logs tracebacks about its own
+    # shutdown; this affects only a server started by this process, never a real one
+    os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    from flows.nightly_batch import nightly_batch
+
+    show_bar = not args.quiet and sys.stderr.isatty()
+    with _progress_bar(enabled=show_bar):
+        state = asyncio.run(nightly_batch(run=params, return_state=True))
+    result = state.result(raise_on_failure=False)
+
+    if isinstance(result, BaseException):
+        print(f"error: {result}", file=sys.stderr)
+        return EXIT_INPUT if isinstance(result, InputError) else EXIT_FAILED
+    summary: BatchSummary = result
+    _print_summary(summary, state.name or "")
+    return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _print_summary(summary: BatchSummary, state_name: str) -> None:
+    print(f"batch {summary.batch_id}: {state_name} ({summary.message})")
+    print(
+        f"  succeeded {summary.succeeded}  blocked {summary.blocked}  failed {summary.failed}  "
+        f"skipped {summary.skipped}  resumed {summary.resumed}"
+    )
+    if summary.rejected_rows:
+        print(f"  bad rows skipped: {summary.rejected_rows}")
+    print(f"  cost: ${summary.cost_usd:.4f}")
+    print(f"  manifest: {summary.manifest_uri}")
+
+
+@contextmanager
+def _progress_bar(*, enabled: bool) -> Iterator[None]:
+    """A live terminal bar with counts per status and the time left, fed by the flow."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    task_ids: dict[str, int] = {}
+
+    def listener(progress: BatchProgress) -> None:
+        if progress.batch_id not in task_ids:
+            task_ids[progress.batch_id] = bar.add_task(
+                progress.batch_id, total=progress.total, status=""
+            )
+        counts = progress.counts
+        status = " ".join(
+            f"{k} {counts[k]}"
+            for k in ("succeeded", "resumed", "blocked", "failed", "skipped")
+            if counts[k]
+        )
+        bar.update(task_ids[progress.batch_id], completed=progress.done, status=status)
+
+    add_listener(listener)
+    try:
+        with bar:
+            yield
+    finally:
+        remove_listener(listener)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

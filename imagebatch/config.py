@@ -1,0 +1,184 @@
+"""The batch configuration: one YAML file, validated by pydantic, unknown keys rejected.
+
+Errors name the file, the line and the key path (``providers[0].limits.rpm``). Secrets never live
+in this file: providers name an environment variable (``api_key_env``) or a Prefect block.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imagebatch.errors import ConfigError
+from imagebatch.models import SAFE_ID_PATTERN
+
+__all__ = [
+    "PROVIDER_KINDS",
+    "BatchConfig",
+    "Limits",
+    "ProviderConfig",
+    "RenditionConfig",
+    "RoutingConfig",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+PROVIDER_KINDS = ("gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local")
+_SECRET_KEYS = {"api_key", "apikey", "key", "token", "secret", "password", "credentials"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    """A provider's quota as the provider publishes it (none of these is enforced yet)."""
+
+    rpm: float | None = Field(default=None, gt=0, description="Requests per minute")
+    rpd: int | None = Field(default=None, ge=0, description="Requests per day")
+    ipm: float | None = Field(default=None, gt=0, description="Images per minute")
+    max_in_flight: int = Field(default=4, ge=1, le=1000, description="Concurrent calls at most")
+
+
+class ProviderConfig(_Strict):
+    """One entry of the provider chain."""
+
+    name: str = Field(pattern=SAFE_ID_PATTERN)
+    kind: Literal["gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local"]
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    block: str | None = None
+    limits: Limits = Limits()
+    price_usd: dict[Literal["1K", "2K", "4K"], float] = Field(default_factory=dict)
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def price_for(self, size: str) -> float:
+        """Price of one image at ``size``; the nearest configured size if that one is missing."""
+        if size in self.price_usd:
+            return self.price_usd[size]
+        return max(self.price_usd.values(), default=0.0)
+
+
+class RoutingConfig(_Strict):
+    strategy: Literal["priority", "cheapest"] = "priority"
+    failover_after: int = Field(default=3, ge=1)
+    probe_interval_s: float = Field(default=300.0, gt=0)
+
+
+class RenditionConfig(_Strict):
+    """One derived image: format, longest side and quality."""
+
+    name: str = Field(pattern=SAFE_ID_PATTERN)
+    format: Literal["png", "jpeg", "webp"]
+    max_px: int | None = Field(default=None, ge=16, le=16384)
+    quality: int = Field(default=85, ge=1, le=100)
+
+
+class BatchConfig(_Strict):
+    """Everything a batch needs besides its prompts and secrets."""
+
+    providers: list[ProviderConfig] = Field(min_length=1)
+    routing: RoutingConfig = RoutingConfig()
+    budget_usd: float | None = Field(default=None, ge=0)
+    renditions: list[RenditionConfig] = Field(min_length=1)
+    output: str = "./output"
+    max_in_flight: int = Field(default=8, ge=1, le=1000)
+    failure_threshold: float = Field(
+        default=0.1, ge=0, le=1, description="Share of failed+skipped prompts still 'partial'"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BatchConfig:
+        for what, items in (("providers", self.providers), ("renditions", self.renditions)):
+            names = [i.name for i in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what}: duplicate name '{dupes[0]}'")
+        return self
+
+
+def default_config() -> BatchConfig:
+    """The embedded default: the offline ``local`` provider, images under ``./output``."""
+    text = resources.files("imagebatch").joinpath("defaults/config.yaml").read_text("utf-8")
+    return parse_config(text, source="<embedded default config>")
+
+
+def load_config(path: str | Path | None) -> BatchConfig:
+    """Load a config file, or the embedded default when ``path`` is None."""
+    if path is None:
+        return default_config()
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("the config file does not exist", source=source)
+    try:
+        text = p.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text; save the file as UTF-8", source=source) from None
+    return parse_config(text, source=source)
+
+
+def parse_config(text: str, *, source: str) -> BatchConfig:
+    """Validate config text; errors name ``source``, the line and the key."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"malformed YAML: {problem}",
+            source=source,
+            line=mark.line + 1 if mark is not None else None,
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping (key: value)", source=source, line=1)
+    try:
+        return BatchConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = _key_path(loc)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            last = str(loc[-1]).lower()
+            message = f"unknown key '{loc[-1]}'"
+            if last in _SECRET_KEYS or last.endswith(("_key", "_token", "_secret")):
+                message += (
+                    "; secrets never go in the config file: name an environment variable "
+                    "with api_key_env, or a Prefect block with block"
+                )
+        raise ConfigError(message, source=source, line=_line_of(root, loc), key=key) from None
+
+
+def _key_path(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The line of the deepest YAML node along ``loc`` (the key itself where it exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

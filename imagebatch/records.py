@@ -1,0 +1,94 @@
+"""Per-prompt records in a sink, and the manifest rebuilt from them.
+
+A prompt is done if and only if its success record exists. The success record is written last,
+after the prompt's images, and create-only, so nothing ever overwrites it. A failure record is
+replaced when a later run settles the prompt, and removed once the prompt succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from imagebatch.models import PromptRecord
+from imagebatch.storage import Sink
+
+__all__ = ["MANIFEST_NAME", "RecordStore"]
+
+MANIFEST_NAME = "manifest.jsonl"
+_SUCCESS = "_success.json"
+_FAILURE = "_failure.json"
+_JSON = "application/json"
+
+
+class RecordStore:
+    """The records of one batch in one sink."""
+
+    def __init__(self, sink: Sink, batch_id: str):
+        self.sink = sink
+        self.batch_id = batch_id
+
+    def object_key(self, prompt_id: str, name: str) -> str:
+        """``{batch_id}/{prompt_id}/{name}``: where a prompt's objects live."""
+        return f"{self.batch_id}/{prompt_id}/{name}"
+
+    def succeeded_ids(self) -> set[str]:
+        """Ids of every prompt of this batch with a success record (one listing)."""
+        return {
+            key.split("/")[-2]
+            for key in self.sink.list(f"{self.batch_id}/")
+            if key.endswith(f"/{_SUCCESS}") and key.count("/") == 2
+        }
+
+    def read_success(self, prompt_id: str) -> PromptRecord | None:
+        data = self.sink.read(self.object_key(prompt_id, _SUCCESS))
+        return PromptRecord.model_validate_json(data) if data is not None else None
+
+    def read(self, prompt_id: str) -> PromptRecord | None:
+        """The success record if there is one, else the failure record, else None."""
+        for name in (_SUCCESS, _FAILURE):
+            data = self.sink.read(self.object_key(prompt_id, name))
+            if data is not None:
+                return PromptRecord.model_validate_json(data)
+        return None
+
+    def write_success(self, record: PromptRecord) -> PromptRecord:
+        """Create the success record; if one exists already, keep it and return it."""
+        key = self.object_key(record.id, _SUCCESS)
+        if not self.sink.create(key, record.model_dump_json().encode(), content_type=_JSON):
+            existing = self.read_success(record.id)
+            assert existing is not None
+            return existing
+        self.sink.delete(self.object_key(record.id, _FAILURE))
+        return record
+
+    def write_failure(self, record: PromptRecord) -> None:
+        """Write or replace the failure record of a prompt that did not succeed."""
+        self.sink.write(
+            self.object_key(record.id, _FAILURE),
+            record.model_dump_json().encode(),
+            content_type=_JSON,
+            metadata={},
+        )
+
+    def write_manifest(self, prompt_ids: Iterable[str], resumed: set[str]) -> list[PromptRecord]:
+        """Rebuild ``manifest.jsonl`` from the records of ``prompt_ids``, in that order."""
+        records: list[PromptRecord] = []
+        for prompt_id in prompt_ids:
+            record = self.read(prompt_id)
+            if record is None:
+                continue
+            if prompt_id in resumed:
+                record = record.model_copy(update={"resumed": True})
+            records.append(record)
+        body = "".join(r.model_dump_json() + "\n" for r in records).encode()
+        self.sink.write(
+            f"{self.batch_id}/{MANIFEST_NAME}",
+            body,
+            content_type="application/x-ndjson",
+            metadata={},
+        )
+        return records
+
+    @property
+    def manifest_uri(self) -> str:
+        return self.sink.uri(f"{self.batch_id}/{MANIFEST_NAME}")

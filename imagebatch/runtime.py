@@ -1,0 +1,191 @@
+"""The per-run state that every prompt's work shares: providers, attempts, records.
+
+One :class:`BatchRuntime` lives for one flow run, on the flow's event loop. Prefect tasks are
+thin wrappers around its methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from imagebatch.config import BatchConfig
+from imagebatch.errors import (
+    GiveUpError,
+    MoveOnError,
+    ProviderError,
+    RetryableError,
+)
+from imagebatch.imaging import (
+    ALGORITHMIC_SOURCE_TYPE,
+    DIGITAL_SOURCE_TYPE,
+    Rendition,
+    inspect_image,
+    render_renditions,
+)
+from imagebatch.models import Attempt, GeneratedImage, Prompt, PromptRecord, StoredObject
+from imagebatch.providers import ImageProvider, build_provider
+from imagebatch.records import RecordStore
+from imagebatch.storage import Sink
+
+__all__ = ["BatchRuntime", "ProvidersExhausted"]
+
+
+class ProvidersExhausted(GiveUpError):
+    """Every provider in the chain declined this prompt."""
+
+
+class BatchRuntime:
+    """Providers, records and attempt history for one batch run."""
+
+    def __init__(self, config: BatchConfig, sink: Sink, batch_id: str, *, env: Mapping[str, str]):
+        self.config = config
+        self.sink = sink
+        self.batch_id = batch_id
+        self.records = RecordStore(sink, batch_id)
+        self.providers: list[ImageProvider] = [
+            build_provider(p, env, index=i) for i, p in enumerate(config.providers)
+        ]
+        self.attempts: dict[str, list[Attempt]] = defaultdict(list)
+
+    def chain_for(self, prompt: Prompt) -> list[ImageProvider]:
+        """Providers to try for ``prompt``: its preferred one first, then the configured order."""
+        chain = list(self.providers)
+        if prompt.provider:
+            chain.sort(key=lambda p: p.name != prompt.provider)
+        return chain
+
+    async def generate(self, prompt: Prompt) -> GeneratedImage:
+        """One attempt: walk the chain until a provider returns a decodable image.
+
+        A retryable error is recorded and raised (the caller retries later); a move-on error
+        sends the same attempt to the next provider; a give-up error ends the prompt.
+        """
+        last: MoveOnError | None = None
+        for provider in self.chain_for(prompt):
+            started = time.monotonic()
+            try:
+                raw = await provider.generate(prompt)
+                info = await asyncio.to_thread(inspect_image, raw.data)
+            except ProviderError as exc:
+                exc.provider = exc.provider or provider.name
+                exc.model = exc.model or provider.model
+                self._attempt(prompt, provider, started, exc)
+                if isinstance(exc, MoveOnError):
+                    last = exc
+                    continue
+                raise
+            except Exception as exc:  # an adapter bug must not look like a provider outage
+                err = GiveUpError(
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    provider=provider.name,
+                    model=provider.model,
+                )
+                self._attempt(prompt, provider, started, err)
+                raise err from exc
+            self._attempt(prompt, provider, started, None)
+            return GeneratedImage(
+                data=raw.data,
+                mime_type=raw.mime_type,
+                width=info.width,
+                height=info.height,
+                provider=provider.name,
+                model=raw.model,
+                cost_usd=provider.price(prompt),
+            )
+        raise ProvidersExhausted(
+            f"every provider in the chain declined; last: {last}",
+            http_status=last.http_status if last else None,
+        )
+
+    def _attempt(
+        self, prompt: Prompt, provider: ImageProvider, started: float, error: Exception | None
+    ) -> None:
+        self.attempts[prompt.id].append(
+            Attempt(
+                provider=provider.name,
+                outcome="ok" if error is None else type(error).__name__,
+                http_status=getattr(error, "http_status", None),
+                latency_s=round(time.monotonic() - started, 4),
+                error=str(error) if error is not None else None,
+            )
+        )
+
+    async def render(self, prompt: Prompt, image: GeneratedImage) -> list[Rendition]:
+        """The configured renditions of ``image``, with provenance metadata embedded."""
+        metadata = {"prompt_id": prompt.id, "provider": image.provider, "model": image.model}
+        offline = any(p.offline for p in self.providers if p.name == image.provider)
+        return await asyncio.to_thread(
+            render_renditions,
+            image.data,
+            self.config.renditions,
+            metadata,
+            source_type=ALGORITHMIC_SOURCE_TYPE if offline else DIGITAL_SOURCE_TYPE,
+        )
+
+    async def publish(
+        self, prompt: Prompt, image: GeneratedImage, renditions: list[Rendition]
+    ) -> PromptRecord:
+        """Write the renditions, then the success record (create-only)."""
+        meta = {"prompt_id": prompt.id, "provider": image.provider, "model": image.model}
+        objects: list[StoredObject] = []
+        for r in renditions:
+            key = self.records.object_key(prompt.id, f"{r.name}.{r.extension}")
+            await asyncio.to_thread(
+                self.sink.write,
+                key,
+                r.data,
+                content_type=r.content_type,
+                metadata={**meta, "sha256": r.sha256},
+            )
+            objects.append(
+                StoredObject(
+                    rendition=r.name,
+                    uri=self.sink.uri(key),
+                    sha256=r.sha256,
+                    width=r.width,
+                    height=r.height,
+                    bytes=len(r.data),
+                    content_type=r.content_type,
+                )
+            )
+        record = PromptRecord(
+            id=prompt.id,
+            status="succeeded",
+            provider=image.provider,
+            model=image.model,
+            attempts=list(self.attempts[prompt.id]),
+            cost_usd=image.cost_usd,
+            objects=objects,
+            batch_id=self.batch_id,
+            finished_at=datetime.now(UTC),
+        )
+        return await asyncio.to_thread(self.records.write_success, record)
+
+    async def record_failure(self, prompt: Prompt, error: BaseException) -> PromptRecord:
+        """Write (or replace) the failure record of a prompt that ended without images."""
+        status = getattr(error, "final_status", "failed")
+        last_provider = self.attempts[prompt.id][-1] if self.attempts[prompt.id] else None
+        record = PromptRecord(
+            id=prompt.id,
+            status=status,
+            provider=last_provider.provider if last_provider else None,
+            attempts=list(self.attempts[prompt.id]),
+            error=str(error),
+            batch_id=self.batch_id,
+            finished_at=datetime.now(UTC),
+        )
+        await asyncio.to_thread(self.records.write_failure, record)
+        return record
+
+    async def aclose(self) -> None:
+        for provider in self.providers:
+            await provider.aclose()
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether the error hierarchy calls ``error`` worth another try on the same provider."""
+    return isinstance(error, RetryableError)

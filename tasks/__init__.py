@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the imagebatch core: one side effect each, named verb_noun."""

@@ -1,0 +1,78 @@
+"""Records, manifest and what the Prefect UI shows about a batch."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from imagebatch.batch import BatchSummary
+from imagebatch.models import PromptRecord
+from imagebatch.progress import BatchProgress
+from imagebatch.records import RecordStore
+from imagebatch.report import markdown_report, provider_table
+
+#: seconds between two progress artifact updates (each is one API call)
+PROGRESS_INTERVAL_S = 2.0
+_last_update: dict[UUID, float] = {}
+
+
+@task(name="find_finished", cache_policy=NO_CACHE)
+def find_finished(records: RecordStore) -> set[str]:
+    """Ids of prompts of this batch that already have a success record (resumed, not redone)."""
+    return records.succeeded_ids()
+
+
+@task(name="write_manifest", cache_policy=NO_CACHE, persist_result=False)
+def write_manifest(
+    records: RecordStore, prompt_ids: list[str], resumed: set[str]
+) -> list[PromptRecord]:
+    """Rebuild ``manifest.jsonl`` from the per-prompt records, in prompt-file order."""
+    return records.write_manifest(prompt_ids, resumed)
+
+
+@task(name="publish_report", cache_policy=NO_CACHE)
+async def publish_report(summary: BatchSummary, records: list[PromptRecord]) -> None:
+    """Create the end-of-batch artifacts: a table per provider and a markdown report."""
+    await acreate_table_artifact(
+        table=provider_table(records) or [{"provider": "(none)", "succeeded": 0}],
+        key="imagebatch-summary",
+        description=f"Batch {summary.batch_id}: {summary.message}",
+    )
+    await acreate_markdown_artifact(
+        markdown=markdown_report(summary, records),
+        key="imagebatch-report",
+        description=f"Batch {summary.batch_id} report",
+    )
+
+
+async def start_progress(progress: BatchProgress) -> UUID:
+    """Create the run's live progress artifact (not a task: it is updated in place)."""
+    return await acreate_progress_artifact(
+        progress.percent, description=f"Batch {progress.batch_id}: {progress.describe()}"
+    )
+
+
+async def update_progress(
+    artifact_id: UUID, progress: BatchProgress, *, final: bool = False
+) -> None:
+    """Update the progress artifact, at most every ``PROGRESS_INTERVAL_S`` seconds."""
+    now = time.monotonic()
+    if not final and now - _last_update.get(artifact_id, 0.0) < PROGRESS_INTERVAL_S:
+        return
+    _last_update[artifact_id] = now
+    await aupdate_progress_artifact(
+        artifact_id,
+        progress.percent,
+        description=f"Batch {progress.batch_id}: {progress.describe()}",
+    )
+    if final:
+        _last_update.pop(artifact_id, None)
