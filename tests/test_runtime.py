@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime
+
+import pytest
+
+from imagebatch.batch import default_batch_id, summarize
+from imagebatch.config import parse_config
+from imagebatch.errors import (
+    AuthenticationFailed,
+    BadImage,
+    ContentRefused,
+    GiveUpError,
+    ModelNotFound,
+    ProviderOverloaded,
+)
+from imagebatch.models import Prompt, PromptRecord
+from imagebatch.providers import REGISTRY
+from imagebatch.runtime import BatchRuntime, ProvidersExhausted, is_retryable
+from imagebatch.storage import LocalSink
+from tests.scripted import SCRIPTS, ScriptedProvider, png
+
+CHAIN = """
+providers:
+  - {name: primary, kind: local, model: m1, price_usd: {1K: 0.05}}
+  - {name: backup, kind: local, model: m2, price_usd: {1K: 0.08}}
+renditions: [{name: original, format: png}]
+"""
+
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "local", ScriptedProvider)
+    SCRIPTS.clear()
+    yield BatchRuntime(parse_config(CHAIN, source="t"), LocalSink(tmp_path), "b1", env={})
+    SCRIPTS.clear()
+
+
+def _raise(exc):
+    def script(prompt, n):
+        raise exc
+
+    return script
+
+
+PROMPT = Prompt(id="p1", prompt="a mug")
+
+
+def test_success_on_the_first_provider_records_one_attempt_and_its_price(runtime):
+    image = asyncio.run(runtime.generate(PROMPT))
+    assert (image.provider, image.model, image.cost_usd, image.width) == ("primary", "m1", 0.05, 64)
+    assert [a.outcome for a in runtime.attempts["p1"]] == ["ok"]
+
+
+def test_move_on_errors_send_the_same_attempt_down_the_chain(runtime):
+    SCRIPTS["primary"] = _raise(ModelNotFound("model retired", http_status=404))
+    image = asyncio.run(runtime.generate(PROMPT))
+    assert image.provider == "backup"
+    attempts = runtime.attempts["p1"]
+    assert [(a.provider, a.outcome, a.http_status) for a in attempts] == [
+        ("primary", "ModelNotFound", 404),
+        ("backup", "ok", None),
+    ]
+    assert "primary/m1" in attempts[0].error  # the error names provider and model
+
+
+def test_every_provider_declining_ends_the_prompt(runtime):
+    SCRIPTS["primary"] = _raise(ModelNotFound("gone", http_status=404))
+    SCRIPTS["backup"] = _raise(AuthenticationFailed("bad key", http_status=401))
+    with pytest.raises(ProvidersExhausted, match="bad key") as info:
+        asyncio.run(runtime.generate(PROMPT))
+    assert not is_retryable(info.value)
+
+
+def test_retryable_errors_are_raised_for_a_later_retry(runtime):
+    SCRIPTS["primary"] = _raise(ProviderOverloaded("The model is overloaded", http_status=503))
+    with pytest.raises(ProviderOverloaded) as info:
+        asyncio.run(runtime.generate(PROMPT))
+    assert is_retryable(info.value)
+    assert [a.provider for a in runtime.attempts["p1"]] == ["primary"]
+
+
+def test_corrupt_bytes_are_a_retryable_bad_image(runtime):
+    SCRIPTS["primary"] = lambda p, n: b"not an image" if n == 1 else png()
+    with pytest.raises(BadImage):
+        asyncio.run(runtime.generate(PROMPT))
+    assert asyncio.run(runtime.generate(PROMPT)).provider == "primary"
+    assert [a.outcome for a in runtime.attempts["p1"]] == ["BadImage", "ok"]
+
+
+def test_content_refused_gives_up_with_status_blocked(runtime):
+    SCRIPTS["primary"] = _raise(ContentRefused("IMAGE_SAFETY"))
+    with pytest.raises(ContentRefused) as info:
+        asyncio.run(runtime.generate(PROMPT))
+    assert info.value.final_status == "blocked"
+    record = asyncio.run(runtime.record_failure(PROMPT, info.value))
+    assert (record.status, record.provider) == ("blocked", "primary")
+    assert "IMAGE_SAFETY" in record.error
+
+
+def test_an_adapter_bug_is_a_non_retryable_failure_not_a_crash(runtime):
+    SCRIPTS["primary"] = _raise(KeyError("candidates"))
+    with pytest.raises(GiveUpError, match="unexpected KeyError") as info:
+        asyncio.run(runtime.generate(PROMPT))
+    assert not is_retryable(info.value)
+
+
+def test_the_prompts_preferred_provider_goes_first(runtime):
+    image = asyncio.run(runtime.generate(Prompt(id="p2", prompt="x", provider="backup")))
+    assert image.provider == "backup"
+
+
+def _records(*statuses: str) -> list[PromptRecord]:
+    now = datetime.now(UTC)
+    return [
+        PromptRecord(id=f"p{i}", status=s, batch_id="b", finished_at=now, cost_usd=0.1)
+        for i, s in enumerate(statuses)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "outcome"),
+    [
+        (["succeeded"] * 9 + ["blocked"], "completed"),
+        (["succeeded"] * 9 + ["failed"], "partial"),
+        (["succeeded"] * 9 + ["skipped"], "partial"),
+        (["succeeded"] * 8 + ["failed", "skipped"], "failed"),
+    ],
+)
+def test_outcome_follows_the_failure_threshold(statuses, outcome):
+    summary = summarize(
+        "b",
+        _records(*statuses),
+        resumed={"p0"},
+        rejected_rows=0,
+        failure_threshold=0.1,
+        manifest_uri="file:///m",
+    )
+    assert summary.outcome == outcome
+    assert summary.total == 10 and summary.resumed == 1
+    assert summary.cost_usd == pytest.approx(0.9)  # resumed prompts cost nothing tonight
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("examples/prompts.jsonl", "prompts-2026-11-28"),
+        ("/data/Spring Sale!.csv", "Spring-Sale-2026-11-28"),
+        ("gs://bucket/night/batch.yaml", "batch-2026-11-28"),
+        ("...jsonl", "batch-2026-11-28"),
+    ],
+)
+def test_default_batch_id_is_the_source_name_and_date(source, expected):
+    assert default_batch_id(source, date(2026, 11, 28)) == expected
