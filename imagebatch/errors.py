@@ -131,6 +131,10 @@ class ProviderError(ImageBatchError):
         prefix = f"[{who}{status}] " if who or status else ""
         return f"{prefix}{type(self).__name__}: {self.message}{hint}"
 
+    def __repr__(self) -> str:
+        # Prefect's retry log line shows the repr: make it name the provider and status too
+        return f"<{self}>"
+
 
 class RetryableError(ProviderError):
     """Transient: the same provider may succeed later."""

@@ -13,11 +13,11 @@ from imagebatch.models import GeneratedImage, Prompt
 from imagebatch.runtime import BatchRuntime, is_retryable
 
 
-def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+async def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry only what the error hierarchy calls retryable (429, 503, timeouts, bad bytes)."""
     try:
-        state.result()
-    except Exception as exc:  # the state holds the attempt's exception
+        await state.aresult()
+    except Exception as exc:  # the failed state re-raises the attempt's exception
         return is_retryable(exc)
     return False
 

@@ -89,7 +89,7 @@ def test_duplicate_provider_names_are_rejected(write_file):
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="absent.yaml: the config file does not exist"):
+    with pytest.raises(ConfigError, match=r"absent\.yaml: the config file does not exist"):
         load_config(tmp_path / "absent.yaml")
 
 

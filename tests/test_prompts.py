@@ -155,7 +155,7 @@ def test_skip_bad_rows_still_fails_when_nothing_is_left(write_file):
 
 
 def test_gs_sources_are_refused_clearly_until_supported():
-    with pytest.raises(PromptFileError, match="gs://b/p.jsonl: reading prompts from gs://"):
+    with pytest.raises(PromptFileError, match=r"gs://b/p\.jsonl: reading prompts from gs://"):
         load_prompts("gs://b/p.jsonl")
 
 

@@ -1,0 +1,151 @@
+"""The README's main command, as a user runs it: a subprocess against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.flow
+EXAMPLE = ROOT / "examples" / "prompts.jsonl"
+
+
+def _env(api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "160"}
+
+
+def _imagebatch(*args: str, api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagebatch.cli", *args],
+        cwd=cwd,
+        env=_env(api_url),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "manifest.jsonl" and not p.name.startswith(".")
+    }
+
+
+def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
+    n_prompts = len(EXAMPLE.read_text().splitlines())
+    first = _imagebatch(
+        "run",
+        str(EXAMPLE),
+        "--output",
+        "out",
+        "--batch-id",
+        "cli-1",
+        "--quiet",
+        api_url=prefect_server,
+        cwd=tmp_path,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"batch cli-1: Completed ({n_prompts} succeeded of {n_prompts} prompts)" in first.stdout
+    manifest = tmp_path / "out" / "cli-1" / "manifest.jsonl"
+    assert f"manifest: {manifest.as_uri()}" in first.stdout
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == n_prompts and {r["status"] for r in records} == {"succeeded"}
+    for record in records:
+        assert {o["rendition"] for o in record["objects"]} == {"original", "web", "thumb"}
+    before = _snapshot(tmp_path / "out")
+    assert len(before) == n_prompts * 4  # three renditions and a success record each
+
+    second = _imagebatch(
+        "run",
+        str(EXAMPLE),
+        "--output",
+        "out",
+        "--batch-id",
+        "cli-1",
+        "--quiet",
+        api_url=prefect_server,
+        cwd=tmp_path,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"succeeded {n_prompts}  blocked 0  failed 0  skipped 0  resumed {n_prompts}" in (
+        second.stdout
+    )
+    assert "generate-" not in second.stderr  # no generation task ran
+    assert _snapshot(tmp_path / "out") == before  # nothing was written again
+    resumed = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert all(r["resumed"] for r in resumed)
+
+
+def test_bad_input_exits_2_with_the_file_and_line(tmp_path, prefect_server):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,prompt\na,one\nb,\n")
+    result = _imagebatch("run", str(bad), "--output", "out", api_url=prefect_server, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"error: {bad}, line 3, field 'prompt': the prompt is missing" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_value_exits_2_before_starting(tmp_path, prefect_server):
+    result = _imagebatch(
+        "run", str(EXAMPLE), "--batch-id", "../x", api_url=prefect_server, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "error: --batch-id: String should match pattern" in result.stderr
+
+
+def _run_on_terminal(args: list[str], api_url: str, cwd: Path) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal, as a user at a shell would; return (code, text)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagebatch.cli", *args],
+        cwd=cwd,
+        env=_env(api_url),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=300)
+    os.close(leader)
+    proc.stdout.close()
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_shows_on_a_terminal_and_not_when_quiet(tmp_path, prefect_server):
+    code, screen = _run_on_terminal(
+        ["run", str(EXAMPLE), "--output", "out", "--batch-id", "tty-1"], prefect_server, tmp_path
+    )
+    n = len(EXAMPLE.read_text().splitlines())
+    assert code == 0
+    assert f"{n}/{n}" in screen and f"succeeded {n}" in screen and "left" in screen
+
+    code, screen = _run_on_terminal(
+        ["run", str(EXAMPLE), "--output", "out", "--batch-id", "tty-2", "--quiet"],
+        prefect_server,
+        tmp_path,
+    )
+    assert code == 0
+    assert f"{n}/{n}" not in screen
