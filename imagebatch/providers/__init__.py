@@ -7,12 +7,37 @@ from collections.abc import Mapping
 from imagebatch.config import ProviderConfig
 from imagebatch.errors import ConfigError
 from imagebatch.providers.base import ImageProvider, RawImage
+from imagebatch.providers.gemini import GeminiProvider, VertexGeminiProvider
 from imagebatch.providers.local import LocalProvider
+from imagebatch.providers.openai_images import OpenAIImagesProvider
+from imagebatch.providers.stability import StabilityProvider
+from imagebatch.providers.vertex_endpoint import VertexEndpointProvider
 
-__all__ = ["REGISTRY", "ImageProvider", "LocalProvider", "RawImage", "build_provider"]
+__all__ = [
+    "REGISTRY",
+    "GeminiProvider",
+    "ImageProvider",
+    "LocalProvider",
+    "OpenAIImagesProvider",
+    "RawImage",
+    "StabilityProvider",
+    "VertexEndpointProvider",
+    "VertexGeminiProvider",
+    "build_provider",
+]
 
-#: config ``kind`` -> adapter class; the first registered name for a kind wins
-REGISTRY: dict[str, type[ImageProvider]] = {LocalProvider.kind: LocalProvider}
+#: config ``kind`` -> adapter class
+REGISTRY: dict[str, type[ImageProvider]] = {
+    cls.kind: cls
+    for cls in (
+        GeminiProvider,
+        VertexGeminiProvider,
+        OpenAIImagesProvider,
+        StabilityProvider,
+        VertexEndpointProvider,
+        LocalProvider,
+    )
+}
 
 
 def build_provider(
@@ -22,8 +47,7 @@ def build_provider(
     cls = REGISTRY.get(config.kind)
     if cls is None:
         raise ConfigError(
-            f"provider kind '{config.kind}' has no adapter in this version of imagebatch; "
-            f"available: {', '.join(sorted(REGISTRY))}",
+            f"provider kind '{config.kind}' has no adapter; known: {', '.join(sorted(REGISTRY))}",
             source="config",
             key=f"providers[{index}].kind",
         )
