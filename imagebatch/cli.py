@@ -49,6 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-in-flight", type=int, metavar="N", help="prompts worked on at once")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
+
+    emu = sub.add_parser(
+        "emulator",
+        help="serve the provider emulator (every wire format, with faults)",
+        description="Serve the provider emulator: the Gemini (API key and Vertex), OpenAI, "
+        "Stability and Vertex endpoint wire formats on one port, with a fault profile.",
+    )
+    emu.add_argument("--port", type=int, default=8600, help="port (default 8600)")
+    emu.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    emu.add_argument(
+        "--profile", default="healthy", metavar="NAME|FILE", help="shipped profile or YAML file"
+    )
+    emu.set_defaults(handler=_cmd_emulator)
     return parser
 
 
@@ -97,6 +110,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary: BatchSummary = result
     _print_summary(summary, state.name or "")
     return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from imagebatch.emulator import Emulator, create_app, load_profile, named_profiles
+    from imagebatch.errors import ConfigError
+
+    try:
+        profile = load_profile(args.profile)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    url = f"http://{args.host}:{args.port}"
+    print(f"imagebatch emulator on {url} (time scale {profile.time_scale:g}x)")
+    for i, name in enumerate(profile.providers):
+        default = "  (also unprefixed)" if i == 0 else ""
+        print(f"  logical provider {name}: base_url {url}/p/{name}{default}")
+    print(f"  control: GET {url}/_emulator/log, POST .../_emulator/providers/NAME and .../reset")
+    print(f"  shipped profiles: {', '.join(named_profiles())}")
+    uvicorn.run(create_app(Emulator(profile)), host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
 
 
 def _print_summary(summary: BatchSummary, state_name: str) -> None:

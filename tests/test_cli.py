@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT
 
@@ -18,15 +20,17 @@ pytestmark = pytest.mark.flow
 EXAMPLE = ROOT / "examples" / "prompts.jsonl"
 
 
-def _env(api_url: str) -> dict[str, str]:
-    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "160"}
+def _env(api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "160", **(extra or {})}
 
 
-def _imagebatch(*args: str, api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _imagebatch(
+    *args: str, api_url: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "imagebatch.cli", *args],
         cwd=cwd,
-        env=_env(api_url),
+        env=_env(api_url, env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -149,3 +153,77 @@ def test_progress_bar_shows_on_a_terminal_and_not_when_quiet(tmp_path, prefect_s
     )
     assert code == 0
     assert f"{n}/{n}" not in screen
+
+
+def test_run_with_gemini_primary_on_the_emulator_end_to_end(tmp_path, prefect_server):
+    from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+
+    config = (ROOT / "examples" / "emulator.yaml").read_text()
+    profile = EmulatorProfile(
+        providers={
+            "primary": ProviderProfile(thought_images=1, missing_models=["retired-model"]),
+            "backup": ProviderProfile(),
+        }
+    )
+    n = len(EXAMPLE.read_text().splitlines())
+    with EmulatorServer(profile) as server:
+        (tmp_path / "config.yaml").write_text(config.replace("http://127.0.0.1:8600", server.url))
+        keys = {"GEMINI_API_KEY": "emulator-key", "OPENAI_API_KEY": "emulator-key"}
+        result = _imagebatch(
+            "run",
+            str(EXAMPLE),
+            "--config",
+            "config.yaml",
+            "--output",
+            "out",
+            "--batch-id",
+            "gemini-1",
+            "--quiet",
+            api_url=prefect_server,
+            cwd=tmp_path,
+            env=keys,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        log = httpx.get(f"{server.url}/_emulator/log").json()["providers"]
+        assert log == {"primary": {"requests": n, "statuses": {"200": n}, "wires": {"gemini": n}}}
+
+        # the night a model is retired: the chain moves on to the backup, through the openai SDK
+        (tmp_path / "config.yaml").write_text(
+            config.replace("http://127.0.0.1:8600", server.url).replace(
+                "model: gemini-3-pro-image-preview", "model: retired-model"
+            )
+        )
+        result = _imagebatch(
+            "run",
+            str(EXAMPLE),
+            "--config",
+            "config.yaml",
+            "--output",
+            "out",
+            "--batch-id",
+            "gemini-2",
+            "--quiet",
+            api_url=prefect_server,
+            cwd=tmp_path,
+            env=keys,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        log = httpx.get(f"{server.url}/_emulator/log").json()["providers"]
+    assert log["primary"]["statuses"] == {"200": n, "404": n}
+    assert log["backup"] == {"requests": n, "statuses": {"200": n}, "wires": {"openai": n}}
+
+    first = [
+        json.loads(x) for x in (tmp_path / "out/gemini-1/manifest.jsonl").read_text().splitlines()
+    ]
+    assert {(r["provider"], r["model"], r["status"]) for r in first} == {
+        ("primary", "gemini-3-pro-image-preview", "succeeded")
+    }
+    assert first[0]["cost_usd"] == 0.134
+    second = [
+        json.loads(x) for x in (tmp_path / "out/gemini-2/manifest.jsonl").read_text().splitlines()
+    ]
+    assert {(r["provider"], r["status"]) for r in second} == {("backup", "succeeded")}
+    assert [a["outcome"] for a in second[0]["attempts"]] == ["ModelNotFound", "ok"]
+    for record in first + second:
+        with Image.open(record["objects"][0]["uri"].removeprefix("file://")) as im:
+            im.load()
