@@ -17,7 +17,7 @@ from imagebatch.progress import BatchProgress
 from imagebatch.runtime import BatchRuntime
 from imagebatch.storage import open_sink
 from tasks.generate import generate_image
-from tasks.load import load_config, load_prompts
+from tasks.load import load_config, load_prompts, resolve_provider_blocks
 from tasks.process import process_image
 from tasks.publish import publish_images, record_failure
 from tasks.report import (
@@ -51,6 +51,9 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     run = run or BatchRun()
     logger = get_run_logger()
     config = load_config(run.config)
+    secrets: dict[str, str] = {}
+    if any(p.block for p in config.providers):
+        config, secrets = await resolve_provider_blocks(config)
     loaded = load_prompts(run.prompts, skip_bad_rows=run.skip_bad_rows)
     for rejected in loaded.rejected:
         logger.warning("skipped bad row of %s: %s", loaded.source, rejected)
@@ -58,7 +61,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
     sink = open_sink(run.output or config.output)
     with sink.lock(batch_id):
-        runtime = BatchRuntime(config, sink, batch_id, env=os.environ)
+        runtime = BatchRuntime(config, sink, batch_id, env={**os.environ, **secrets})
         finished = find_finished(runtime.records)
         progress = BatchProgress(batch_id=batch_id, total=len(loaded.prompts))
         artifact_id = await start_progress(progress)

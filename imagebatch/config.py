@@ -49,15 +49,29 @@ class ProviderConfig(_Strict):
     """One entry of the provider chain."""
 
     name: str = Field(pattern=SAFE_ID_PATTERN)
-    kind: Literal["gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local"]
-    model: str = Field(min_length=1)
+    kind: Literal["gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local"] = (
+        None  # type: ignore[assignment]  # required unless ``block`` supplies it
+    )
+    model: str = Field(default=None, min_length=1)  # type: ignore[assignment]
     base_url: str | None = None
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    block: str | None = None
+    block: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+/[A-Za-z0-9._-]+$",
+        description="A saved Prefect block, '<block-type-slug>/<name>', that fills this entry",
+    )
     limits: Limits = Limits()
     price_usd: dict[Literal["1K", "2K", "4K"], float] = Field(default_factory=dict)
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _kind_and_model_or_block(self) -> ProviderConfig:
+        if self.block is None:
+            missing = [f for f in ("kind", "model") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"'{missing[0]}' is required unless 'block' names a saved block")
+        return self
 
     def price_for(self, size: str) -> float:
         """Price of one image at ``size``; the nearest configured size if that one is missing."""
@@ -147,6 +161,8 @@ def parse_config(text: str, *, source: str) -> BatchConfig:
         loc = tuple(err["loc"])
         key = _key_path(loc)
         message = err["msg"]
+        if err["type"] == "value_error":
+            message = str(err.get("ctx", {}).get("error", message))
         if err["type"] == "extra_forbidden":
             last = str(loc[-1]).lower()
             message = f"unknown key '{loc[-1]}'"

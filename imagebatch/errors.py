@@ -65,12 +65,12 @@ class InputError(ImageBatchError):
     """Input the user must fix; raised before any image is generated."""
 
 
-def _where(source: str, line: int | None, field: str | None) -> str:
+def _where(source: str, line: int | None, name: str | None, label: str) -> str:
     place = source
     if line is not None:
         place += f", line {line}"
-    if field:
-        place += f", field '{field}'"
+    if name:
+        place += f", {label} '{name}'"
     return place
 
 
@@ -81,7 +81,7 @@ class ConfigError(InputError):
         self, message: str, *, source: str, line: int | None = None, key: str | None = None
     ):
         self.source, self.line, self.key, self.reason = source, line, key, message
-        super().__init__(f"{_where(source, line, key)}: {message}")
+        super().__init__(f"{_where(source, line, key, 'key')}: {message}")
 
 
 class PromptFileError(InputError):
@@ -91,7 +91,7 @@ class PromptFileError(InputError):
         self, message: str, *, source: str, line: int | None = None, field: str | None = None
     ):
         self.source, self.line, self.field, self.reason = source, line, field, message
-        super().__init__(f"{_where(source, line, field)}: {message}")
+        super().__init__(f"{_where(source, line, field, 'field')}: {message}")
 
 
 class BatchLockedError(ImageBatchError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.providers import resolve_provider_blocks as _resolve_provider_blocks
 from imagebatch.config import BatchConfig
 from imagebatch.config import load_config as _load_config
 from imagebatch.prompts import PromptLoad
@@ -21,6 +22,17 @@ def load_config(path: str | None) -> BatchConfig:
         The validated config. A bad file fails this task with the file, line and key.
     """
     return _load_config(path)
+
+
+@task(name="resolve_provider_blocks", cache_policy=NO_CACHE, persist_result=False)
+async def resolve_provider_blocks(config: BatchConfig) -> tuple[BatchConfig, dict[str, str]]:
+    """Fill the chain entries that name a saved provider block (keys stay out of the config).
+
+    Returns:
+        The filled config, and the keys under the variable names the entries now point to.
+        Nothing of the keys is logged or persisted.
+    """
+    return await _resolve_provider_blocks(config)
 
 
 @task(name="load_prompts", cache_policy=NO_CACHE)
