@@ -6,7 +6,8 @@ import asyncio
 import os
 from datetime import datetime
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
@@ -15,12 +16,14 @@ from imagebatch.errors import ImageBatchError
 from imagebatch.models import Prompt
 from imagebatch.progress import BatchProgress
 from imagebatch.runtime import BatchRuntime
+from imagebatch.settings import Settings
 from imagebatch.storage import open_sink
 from tasks.generate import generate_image
 from tasks.load import load_config, load_prompts, resolve_provider_blocks
 from tasks.process import process_image
 from tasks.publish import publish_images, record_failure
 from tasks.report import (
+    event_emitter,
     find_finished,
     publish_report,
     start_progress,
@@ -61,7 +64,20 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
     sink = open_sink(run.output or config.output)
     with sink.lock(batch_id):
-        runtime = BatchRuntime(config, sink, batch_id, env={**os.environ, **secrets})
+        settings = Settings()
+        runtime = BatchRuntime(
+            config,
+            sink,
+            batch_id,
+            env={**os.environ, **secrets},
+            settings=settings,
+            emit=event_emitter(batch_id, logger),
+        )
+        generate = generate_image.with_options(
+            retries=config.retry.max_attempts - 1,
+            retry_delay_seconds=config.retry.delays(settings.time_scale),
+            retry_jitter_factor=config.retry.jitter,
+        )
         finished = find_finished(runtime.records)
         progress = BatchProgress(batch_id=batch_id, total=len(loaded.prompts))
         artifact_id = await start_progress(progress)
@@ -79,7 +95,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
                 progress.record("resumed")
             else:
                 async with limit:
-                    progress.record(await _run_prompt(prompt, runtime))
+                    progress.record(await _run_prompt(prompt, runtime, generate))
             await update_progress(artifact_id, progress)
 
         try:
@@ -103,6 +119,14 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
         await publish_report(summary, records)
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
+    emit_event(
+        event="imagebatch.batch.completed",
+        resource={
+            "prefect.resource.id": f"imagebatch.batch.{batch_id}",
+            "outcome": summary.outcome,
+        },
+        payload=summary.model_dump(mode="json"),
+    )
     if summary.outcome == "failed":
         return Failed(message=summary.message, data=summary)
     if summary.outcome == "partial":
@@ -110,10 +134,10 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     return Completed(message=summary.message, data=summary)
 
 
-async def _run_prompt(prompt: Prompt, runtime: BatchRuntime) -> str:
+async def _run_prompt(prompt: Prompt, runtime: BatchRuntime, generate: Task) -> str:
     """Generate, process and publish one prompt; record why if it does not succeed."""
     try:
-        image = await generate_image(prompt, runtime)
+        image = await generate(prompt, runtime)
         renditions = await process_image(prompt, image, runtime)
         record = await publish_images(prompt, image, renditions, runtime)
     except ImageBatchError as exc:

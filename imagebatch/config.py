@@ -9,9 +9,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagebatch.errors import ConfigError
 from imagebatch.models import SAFE_ID_PATTERN
@@ -22,6 +23,7 @@ __all__ = [
     "Limits",
     "ProviderConfig",
     "RenditionConfig",
+    "RetryConfig",
     "RoutingConfig",
     "default_config",
     "load_config",
@@ -43,6 +45,23 @@ class Limits(_Strict):
     rpd: int | None = Field(default=None, ge=0, description="Requests per day")
     ipm: float | None = Field(default=None, gt=0, description="Images per minute")
     max_in_flight: int = Field(default=4, ge=1, le=1000, description="Concurrent calls at most")
+    rpd_reset: str = Field(
+        default="00:00",
+        pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="When the day's quota resets",
+    )
+    rpd_timezone: str = Field(
+        default="America/Los_Angeles", description="Timezone of rpd_reset (Gemini: Pacific)"
+    )
+
+    @field_validator("rpd_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r}; use an IANA name such as UTC") from None
+        return value
 
 
 class ProviderConfig(_Strict):
@@ -81,9 +100,42 @@ class ProviderConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
+    """How work moves between providers."""
+
     strategy: Literal["priority", "cheapest"] = "priority"
-    failover_after: int = Field(default=3, ge=1)
-    probe_interval_s: float = Field(default=300.0, gt=0)
+    failover_after: int = Field(default=3, ge=1, description="Consecutive 503s that open a circuit")
+    probe_interval_s: float = Field(
+        default=300.0, gt=0, description="Open circuit: probe this often"
+    )
+    move_prompt_after: int = Field(
+        default=2, ge=1, description="A prompt's failures in a row on one provider before another"
+    )
+    patience_s: float = Field(
+        default=60.0, ge=0, description="Skip a provider paused by a hint longer than this"
+    )
+    margin: float = Field(default=0.05, ge=0, lt=0.5, description="Stay this far under each RPM")
+    refused_content_failover: bool = Field(
+        default=False, description="Try other providers for a prompt one provider refused"
+    )
+
+
+class RetryConfig(_Strict):
+    """Retries of one prompt (Prefect task retries), bounded also by deadline and budgets."""
+
+    max_attempts: int = Field(default=10, ge=1, le=51)
+    base_delay_s: float = Field(default=1.0, ge=0)
+    max_delay_s: float = Field(default=60.0, ge=0)
+    jitter: float = Field(default=0.5, ge=0, le=1)
+    budget_ratio: float = Field(
+        default=0.1, gt=0, le=1, description="Retries a provider earns per success"
+    )
+
+    def delays(self, time_scale: float = 1.0) -> list[float]:
+        """The waits before each retry: exponential, capped, divided by ``time_scale``."""
+        return [
+            min(self.max_delay_s, self.base_delay_s * 2**i) / time_scale
+            for i in range(self.max_attempts - 1)
+        ]
 
 
 class RenditionConfig(_Strict):
@@ -100,7 +152,11 @@ class BatchConfig(_Strict):
 
     providers: list[ProviderConfig] = Field(min_length=1)
     routing: RoutingConfig = RoutingConfig()
+    retry: RetryConfig = RetryConfig()
     budget_usd: float | None = Field(default=None, ge=0)
+    deadline_s: float | None = Field(
+        default=None, gt=0, description="Stop sending new work this long after the batch starts"
+    )
     renditions: list[RenditionConfig] = Field(min_length=1)
     output: str = "./output"
     max_in_flight: int = Field(default=8, ge=1, le=1000)

@@ -23,7 +23,12 @@
         │   └── ProviderNotConfigured
         └── GiveUpError             end this prompt with the reason
             ├── ContentRefused      safety block (status ``blocked``)
-            └── InvalidRequest      400 that no provider would accept
+            ├── InvalidRequest      400 that no provider would accept
+            ├── ProvidersExhausted  every provider in the chain declined (status ``failed``)
+            └── NotTried            never sent (status ``skipped``)
+                ├── BudgetReached   the batch's spend cap
+                ├── DeadlineReached the batch's deadline
+                └── QuotaGone       every provider's daily quota is used up
 
 Messages never carry secrets: adapters build them from the server's message, never from
 request headers or client configuration.
@@ -35,15 +40,18 @@ __all__ = [
     "AuthenticationFailed",
     "BadImage",
     "BatchLockedError",
+    "BudgetReached",
     "ConfigError",
     "ContentRefused",
     "DailyQuotaExhausted",
+    "DeadlineReached",
     "GiveUpError",
     "ImageBatchError",
     "InputError",
     "InvalidRequest",
     "ModelNotFound",
     "MoveOnError",
+    "NotTried",
     "PromptFileError",
     "ProviderConnectionError",
     "ProviderError",
@@ -51,6 +59,8 @@ __all__ = [
     "ProviderOverloaded",
     "ProviderServerError",
     "ProviderTimeout",
+    "ProvidersExhausted",
+    "QuotaGone",
     "RateLimited",
     "RetryableError",
     "StorageError",
@@ -196,3 +206,25 @@ class ContentRefused(GiveUpError):
 
 class InvalidRequest(GiveUpError):
     """The request is malformed for every provider (400)."""
+
+
+class ProvidersExhausted(GiveUpError):
+    """Every provider in the chain declined this prompt (auth, model gone, not configured)."""
+
+
+class NotTried(GiveUpError):
+    """The prompt was not sent to any provider; it is recorded as skipped, with the reason."""
+
+    final_status = "skipped"
+
+
+class BudgetReached(NotTried):
+    """Sending the prompt would take the batch over its spend cap."""
+
+
+class DeadlineReached(NotTried):
+    """The batch's deadline passed before the prompt could be sent."""
+
+
+class QuotaGone(NotTried):
+    """Every provider's daily quota is used up until its reset."""

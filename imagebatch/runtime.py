@@ -7,18 +7,12 @@ thin wrappers around its methods.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from imagebatch.config import BatchConfig
-from imagebatch.errors import (
-    GiveUpError,
-    MoveOnError,
-    ProviderError,
-    RetryableError,
-)
+from imagebatch.errors import GiveUpError, ProviderError, RetryableError
 from imagebatch.imaging import (
     ALGORITHMIC_SOURCE_TYPE,
     DIGITAL_SOURCE_TYPE,
@@ -29,88 +23,89 @@ from imagebatch.imaging import (
 from imagebatch.models import Attempt, GeneratedImage, Prompt, PromptRecord, StoredObject
 from imagebatch.providers import ImageProvider, build_provider
 from imagebatch.records import RecordStore
+from imagebatch.resilience import AttemptInfo, FileUsageStore, UsageStore, build_router
+from imagebatch.resilience.router import Emit
+from imagebatch.settings import Settings
 from imagebatch.storage import Sink
 
-__all__ = ["BatchRuntime", "ProvidersExhausted"]
-
-
-class ProvidersExhausted(GiveUpError):
-    """Every provider in the chain declined this prompt."""
+__all__ = ["BatchRuntime", "is_retryable"]
 
 
 class BatchRuntime:
-    """Providers, records and attempt history for one batch run."""
+    """Providers, router, records and attempt history for one batch run."""
 
-    def __init__(self, config: BatchConfig, sink: Sink, batch_id: str, *, env: Mapping[str, str]):
+    def __init__(
+        self,
+        config: BatchConfig,
+        sink: Sink,
+        batch_id: str,
+        *,
+        env: Mapping[str, str],
+        settings: Settings | None = None,
+        store: UsageStore | None = None,
+        emit: Emit = lambda event, provider, payload: None,
+    ):
         self.config = config
         self.sink = sink
         self.batch_id = batch_id
+        self.settings = settings or Settings()
         self.records = RecordStore(sink, batch_id)
         self.providers: list[ImageProvider] = [
             build_provider(p, env, index=i) for i, p in enumerate(config.providers)
         ]
+        self._by_name = {p.name: p for p in self.providers}
         self.attempts: dict[str, list[Attempt]] = defaultdict(list)
-
-    def chain_for(self, prompt: Prompt) -> list[ImageProvider]:
-        """Providers to try for ``prompt``: its preferred one first, then the configured order."""
-        chain = list(self.providers)
-        if prompt.provider:
-            chain.sort(key=lambda p: p.name != prompt.provider)
-        return chain
-
-    async def generate(self, prompt: Prompt) -> GeneratedImage:
-        """One attempt: walk the chain until a provider returns a decodable image.
-
-        A retryable error is recorded and raised (the caller retries later); a move-on error
-        sends the same attempt to the next provider; a give-up error ends the prompt.
-        """
-        last: MoveOnError | None = None
-        for provider in self.chain_for(prompt):
-            started = time.monotonic()
-            try:
-                raw = await provider.generate(prompt)
-                info = await asyncio.to_thread(inspect_image, raw.data)
-            except ProviderError as exc:
-                exc.provider = exc.provider or provider.name
-                exc.model = exc.model or provider.model
-                self._attempt(prompt, provider, started, exc)
-                if isinstance(exc, MoveOnError):
-                    last = exc
-                    continue
-                raise
-            except Exception as exc:  # an adapter bug must not look like a provider outage
-                err = GiveUpError(
-                    f"unexpected {type(exc).__name__}: {exc}",
-                    provider=provider.name,
-                    model=provider.model,
-                )
-                self._attempt(prompt, provider, started, err)
-                raise err from exc
-            self._attempt(prompt, provider, started, None)
-            return GeneratedImage(
-                data=raw.data,
-                mime_type=raw.mime_type,
-                width=info.width,
-                height=info.height,
-                provider=provider.name,
-                model=raw.model,
-                cost_usd=provider.price(prompt),
-            )
-        raise ProvidersExhausted(
-            f"every provider in the chain declined; last: {last}",
-            http_status=last.http_status if last else None,
+        self.router = build_router(
+            config,
+            {p.name: p.price for p in self.providers},
+            store=store or FileUsageStore(self.settings.state_dir),
+            time_scale=self.settings.time_scale,
+            emit=emit,
+            on_attempt=self._on_attempt,
         )
 
-    def _attempt(
-        self, prompt: Prompt, provider: ImageProvider, started: float, error: Exception | None
-    ) -> None:
+    async def generate(self, prompt: Prompt) -> GeneratedImage:
+        """One attempt: the router's best provider now, its gate, one call, a decodable image.
+
+        A retryable error is raised for a later retry; a move-on error sends the same attempt to
+        the next provider; a give-up error ends the prompt (``final_status`` says how).
+        """
+        return await self.router.attempt(prompt, lambda name: self._call(prompt, name))
+
+    async def _call(self, prompt: Prompt, name: str) -> GeneratedImage:
+        provider = self._by_name[name]
+        try:
+            raw = await provider.generate(prompt)
+            info = await asyncio.to_thread(inspect_image, raw.data)
+        except ProviderError as exc:
+            exc.provider = exc.provider or provider.name
+            exc.model = exc.model or provider.model
+            raise
+        except Exception as exc:  # an adapter bug must not look like a provider outage
+            raise GiveUpError(
+                f"unexpected {type(exc).__name__}: {exc}",
+                provider=provider.name,
+                model=provider.model,
+            ) from exc
+        return GeneratedImage(
+            data=raw.data,
+            mime_type=raw.mime_type,
+            width=info.width,
+            height=info.height,
+            provider=provider.name,
+            model=raw.model,
+            cost_usd=provider.price(prompt),
+        )
+
+    def _on_attempt(self, prompt: Prompt, info: AttemptInfo) -> None:
         self.attempts[prompt.id].append(
             Attempt(
-                provider=provider.name,
-                outcome="ok" if error is None else type(error).__name__,
-                http_status=getattr(error, "http_status", None),
-                latency_s=round(time.monotonic() - started, 4),
-                error=str(error) if error is not None else None,
+                provider=info.provider,
+                outcome=info.outcome,
+                http_status=info.http_status,
+                latency_s=info.latency_s,
+                waited_s=info.waited_s,
+                error=info.error,
             )
         )
 

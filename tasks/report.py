@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 from uuid import UUID
 
 from prefect import task
@@ -13,6 +15,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from imagebatch.batch import BatchSummary
 from imagebatch.models import PromptRecord
@@ -23,6 +26,33 @@ from imagebatch.report import markdown_report, provider_table
 #: seconds between two progress artifact updates (each is one API call)
 PROGRESS_INTERVAL_S = 2.0
 _last_update: dict[UUID, float] = {}
+
+
+def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter):
+    """Emit imagebatch's events (circuit, failover, quota) to Prefect, and log each one.
+
+    The provider is the event's resource and the batch a related resource, so automations can
+    match either.
+    """
+
+    def emit(event: str, provider: str, payload: dict[str, Any]) -> None:
+        logger.warning("%s: %s %s", event, provider, payload or "")
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"imagebatch.provider.{provider}",
+                "provider": provider,
+            },
+            related=[
+                {
+                    "prefect.resource.id": f"imagebatch.batch.{batch_id}",
+                    "prefect.resource.role": "batch",
+                }
+            ],
+            payload={k: str(v) for k, v in payload.items()},
+        )
+
+    return emit
 
 
 @task(name="find_finished", cache_policy=NO_CACHE)

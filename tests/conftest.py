@@ -12,6 +12,7 @@ import pytest
 # before anything imports prefect or google.auth
 _HOME = tempfile.mkdtemp(prefix="imagebatch-tests-")
 os.environ["PREFECT_HOME"] = _HOME
+os.environ["IMAGEBATCH_STATE_DIR"] = os.path.join(_HOME, "imagebatch-state")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_SERVER_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)

@@ -168,7 +168,12 @@ def test_run_with_gemini_primary_on_the_emulator_end_to_end(tmp_path, prefect_se
     n = len(EXAMPLE.read_text().splitlines())
     with EmulatorServer(profile) as server:
         (tmp_path / "config.yaml").write_text(config.replace("http://127.0.0.1:8600", server.url))
-        keys = {"GEMINI_API_KEY": "emulator-key", "OPENAI_API_KEY": "emulator-key"}
+        # the config paces to 10 and 5 RPM; a time scale of 100 runs those minutes in 0.6 s
+        keys = {
+            "GEMINI_API_KEY": "emulator-key",
+            "OPENAI_API_KEY": "emulator-key",
+            "IMAGEBATCH_TIME_SCALE": "100",
+        }
         result = _imagebatch(
             "run",
             str(EXAMPLE),

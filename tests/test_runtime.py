@@ -14,10 +14,12 @@ from imagebatch.errors import (
     GiveUpError,
     ModelNotFound,
     ProviderOverloaded,
+    ProvidersExhausted,
 )
 from imagebatch.models import Prompt, PromptRecord
 from imagebatch.providers import REGISTRY
-from imagebatch.runtime import BatchRuntime, ProvidersExhausted, is_retryable
+from imagebatch.resilience import MemoryUsageStore
+from imagebatch.runtime import BatchRuntime, is_retryable
 from imagebatch.storage import LocalSink
 from tests.scripted import SCRIPTS, ScriptedProvider, png
 
@@ -33,7 +35,8 @@ renditions: [{name: original, format: png}]
 def runtime(tmp_path, monkeypatch):
     monkeypatch.setitem(REGISTRY, "local", ScriptedProvider)
     SCRIPTS.clear()
-    yield BatchRuntime(parse_config(CHAIN, source="t"), LocalSink(tmp_path), "b1", env={})
+    config = parse_config(CHAIN, source="t")
+    yield BatchRuntime(config, LocalSink(tmp_path), "b1", env={}, store=MemoryUsageStore())
     SCRIPTS.clear()
 
 

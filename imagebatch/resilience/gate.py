@@ -1,0 +1,197 @@
+"""A gate per provider: every request waits here for its turn.
+
+The gate spaces request starts evenly at the provider's rate (never a burst above it), caps the
+calls in flight, pauses the whole provider while a server hint (``RetryInfo``, ``Retry-After``)
+runs, learns a lower real ceiling from 429s, and slows down under overload. Time is injected:
+``clock`` returns seconds, ``sleep`` waits, so tests run a night in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+__all__ = ["Admission", "GateSettings", "ProviderGate"]
+
+_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How a gate paces one provider (requests per minute; None means unpaced)."""
+
+    rpm: float | None = None
+    max_in_flight: int = 4
+    margin: float = 0.05  # run this far under the quota, so jitter never crosses it
+    min_rpm: float = 0.5  # never slower than this, even under overload
+    probe_up_after_s: float = 600.0  # clean time before trying one more request per minute
+    overload_factor: float = 0.5  # multiplicative slow-down on a 503
+    overload_floor: float = 0.25  # ... but never below this share of the target rate
+    time_scale: float = 1.0  # the clock's seconds per provider second (the emulator's scale)
+
+
+@dataclass
+class Admission:
+    """A claimed start: when, how long it waited, and whether it counts against the quota."""
+
+    started: float
+    waited_s: float
+    admitted: bool = True
+
+
+class ProviderGate:
+    """Admission to one provider: pace, in-flight cap, hint pauses, learned ceiling."""
+
+    def __init__(
+        self,
+        settings: GateSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.settings = settings
+        self.clock = clock
+        self.sleep = sleep
+        self.configured_rpm = settings.rpm
+        self.ceiling: float | None = None  # learned from 429s, requests per minute
+        self.rate = self._target()
+        self.next_slot = 0.0
+        self.paused_until = 0.0
+        self._starts: deque[Admission] = deque()
+        self._clean_since = clock()
+        self._epoch = 0  # bumped when the pace changes for the worse: waiting slots re-claim
+        self._in_flight = asyncio.Semaphore(settings.max_in_flight)
+
+    # ------------------------------------------------------------------ admission
+
+    def _window(self) -> float:
+        return _WINDOW_S / self.settings.time_scale
+
+    def _target(self) -> float | None:
+        if self.configured_rpm is None:
+            return None
+        limit = (
+            self.configured_rpm if self.ceiling is None else min(self.ceiling, self.configured_rpm)
+        )
+        return max(self.settings.min_rpm, limit * (1.0 - self.settings.margin))
+
+    def interval(self) -> float:
+        """Seconds between two starts at the current rate (0 when unpaced)."""
+        return 0.0 if self.rate is None else self._window() / self.rate
+
+    def _allowed_in_window(self) -> int | None:
+        """Starts allowed in any window: the learned ceiling, else the configured quota."""
+        limit = self.ceiling if self.ceiling is not None else self.configured_rpm
+        return None if limit is None else max(1, int(limit))
+
+    def reserve(self) -> Admission:
+        """Claim the next start: evenly spaced, after any pause, and never more than the quota
+        in any window (counting starts already claimed). ``started`` is when to go."""
+        now = self.clock()
+        start = max(now, self.next_slot, self.paused_until)
+        allowed = self._allowed_in_window()
+        while self._starts and self._starts[0].started <= now - self._window():
+            self._starts.popleft()
+        if allowed is not None:
+            claimed = [a for a in self._starts if a.admitted and a.started > start - self._window()]
+            if len(claimed) >= allowed:
+                start = max(start, claimed[-allowed].started + self._window() + 1e-6)
+        self.next_slot = start + self.interval()
+        admission = Admission(started=start, waited_s=0.0)
+        self._starts.append(admission)
+        return admission
+
+    async def acquire(self) -> Admission:
+        """Wait for an in-flight place, then for the next start; ``release`` it after the call."""
+        began = self.clock()
+        await self._in_flight.acquire()
+        try:
+            while True:
+                epoch = self._epoch
+                admission = self.reserve()
+                if admission.started <= self.clock():
+                    break
+                await self.sleep(admission.started - self.clock())
+                if self.clock() >= self.paused_until and epoch == self._epoch:
+                    break
+                # a hint or a lesson (429, 503) arrived meanwhile: claim a slot under the new pace
+                admission.admitted = False
+        except BaseException:
+            self._in_flight.release()
+            raise
+        admission.started = self.clock()
+        admission.waited_s = admission.started - began
+        return admission
+
+    def release(self) -> None:
+        """The call has ended (whatever its outcome)."""
+        self._in_flight.release()
+
+    @property
+    def in_flight(self) -> int:
+        return self.settings.max_in_flight - self._in_flight._value
+
+    # ------------------------------------------------------------------ feedback
+
+    def pause(self, seconds: float) -> None:
+        """A server hint: no request to this provider starts before ``seconds`` from now."""
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
+        self.next_slot = self.paused_until  # waiting requests claim their slots again from here
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        """The pace changed for the worse: claims on future slots lapse and are made again."""
+        now = self.clock()
+        for admission in self._starts:
+            if admission.started > now:
+                admission.admitted = False
+        self._epoch += 1
+
+    def paused_for(self) -> float:
+        return max(0.0, self.paused_until - self.clock())
+
+    def on_success(self) -> None:
+        now = self.clock()
+        target = self._target()
+        if target is None:
+            return
+        if self.rate is not None and self.rate < target:  # recover additively after overload
+            self.rate = min(target, self.rate + max(0.5, target * 0.1))
+        probe_after = self.settings.probe_up_after_s / self.settings.time_scale
+        if self.ceiling is not None and now - self._clean_since >= probe_after:
+            self.ceiling += 1.0  # try one more request per minute; a 429 teaches us again
+            self._clean_since = now
+            if self.configured_rpm is not None and self.ceiling >= self.configured_rpm:
+                self.ceiling = None
+            self.rate = self._target()
+
+    def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
+        """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""
+        now = self.clock()
+        if retry_after is not None:
+            self.pause(retry_after)
+        if admission is not None:
+            admission.admitted = False
+        window_start = now - self._window()
+        admitted = sum(1 for a in self._starts if a.admitted and window_start < a.started <= now)
+        if self.configured_rpm is not None and self.rate is not None:
+            # the server let ``admitted`` through in the last minute: its real ceiling, near enough
+            ceiling = max(self.settings.min_rpm, float(admitted), self.rate * 0.5)
+            self.ceiling = None if ceiling >= self.configured_rpm else ceiling
+            self.rate = self._target()
+        self.next_slot = max(now + self.interval(), self.paused_until)
+        self._clean_since = now
+        self._new_epoch()
+
+    def on_overload(self) -> None:
+        """A 503: slow down; successes bring the rate back."""
+        if self.rate is not None:
+            floor = max(
+                self.settings.min_rpm, (self._target() or 0.0) * self.settings.overload_floor
+            )
+            self.rate = max(floor, self.rate * self.settings.overload_factor)
+            self.next_slot = max(self.clock() + self.interval(), self.paused_until)
+            self._new_epoch()

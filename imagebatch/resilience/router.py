@@ -1,0 +1,308 @@
+"""The router: for each attempt, the best provider now, and what its answer teaches the rest.
+
+One :class:`Router` per batch run holds a :class:`Lane` per provider (gate, circuit, retry
+budget, daily allowance) and the batch's spend cap and deadline. :meth:`Router.attempt` runs one
+attempt of one prompt: it picks a provider, waits at its gate, calls it, and feeds the outcome
+back. Retryable errors are raised for the caller to retry later (a Prefect retry); "move on"
+errors send the same attempt down the chain; "give up" errors end the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from imagebatch.errors import (
+    BudgetReached,
+    ContentRefused,
+    DailyQuotaExhausted,
+    DeadlineReached,
+    GiveUpError,
+    MoveOnError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderOverloaded,
+    ProviderServerError,
+    ProvidersExhausted,
+    ProviderTimeout,
+    QuotaGone,
+    RateLimited,
+    RetryableError,
+)
+from imagebatch.resilience.budget import RetryBudget, SpendCap
+from imagebatch.resilience.circuit import CircuitBreaker, Ticket
+from imagebatch.resilience.daily import DailyAllowance
+from imagebatch.resilience.gate import ProviderGate
+
+__all__ = ["AttemptInfo", "Lane", "Router"]
+
+T = TypeVar("T")
+#: errors that say a provider is overloaded or unavailable: they count toward opening its circuit
+CIRCUIT_ERRORS = (ProviderOverloaded, ProviderServerError, ProviderTimeout, ProviderConnectionError)
+Emit = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass
+class Lane:
+    """Everything the router knows about one provider during a run."""
+
+    name: str
+    price: Callable[[Any], float]
+    gate: ProviderGate
+    circuit: CircuitBreaker
+    retries: RetryBudget
+    daily: DailyAllowance
+    disabled: str | None = None  # why this provider is out for the rest of the run
+
+
+@dataclass
+class AttemptInfo:
+    """What one call was: provider, outcome, HTTP status, latency and time waited first."""
+
+    provider: str
+    outcome: str
+    http_status: int | None
+    latency_s: float
+    waited_s: float
+    error: str | None = None
+    probe: bool = False
+
+
+class _Rerouted(Exception):
+    """The chosen provider's circuit opened before the call went out: choose again."""
+
+
+@dataclass
+class _Choice(Generic[T]):
+    lane: Lane
+    ticket: Ticket
+    retry: bool
+
+
+@dataclass
+class Router:
+    lanes: list[Lane]
+    strategy: str = "priority"
+    move_prompt_after: int = 2
+    patience_s: float = 60.0
+    refused_failover: bool = False  # a prompt one provider refused may try the others
+    spend: SpendCap = field(default_factory=lambda: SpendCap(None))
+    deadline: float | None = None  # clock time after which nothing new is sent
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    emit: Emit = lambda event, provider, payload: None
+    on_attempt: Callable[[Any, AttemptInfo], None] = lambda prompt, info: None
+    _streaks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    _active: str | None = None
+    _refused: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    # ------------------------------------------------------------------ choosing
+
+    def order(self, prompt: Any) -> list[Lane]:
+        lanes = list(self.lanes)
+        if self.strategy == "cheapest":
+            lanes.sort(key=lambda lane: lane.price(prompt))
+        preferred = getattr(prompt, "provider", None)
+        if preferred:
+            lanes.sort(key=lambda lane: lane.name != preferred)
+        return lanes
+
+    def _usable(self, lane: Lane) -> bool:
+        return lane.disabled is None and lane.daily.available()
+
+    def _choose(self, prompt: Any) -> _Choice | None:
+        usable = [lane for lane in self.order(prompt) if self._usable(lane)]
+        others_ok = len(usable) > 1
+        usable = [lane for lane in usable if lane.name not in self._refused.get(prompt.id, ())]
+        for lane in usable:
+            if lane.gate.paused_for() > self.patience_s and others_ok:
+                continue
+            streak = self._streaks[(prompt.id, lane.name)]
+            if streak >= self.move_prompt_after and others_ok:
+                continue  # this request keeps failing here: let another provider try it
+            if streak and not lane.retries.can_retry():
+                continue
+            if lane.circuit.available_in() > 0:
+                continue
+            ticket = lane.circuit.allow()
+            if ticket is None:
+                continue
+            if not ticket.probe:  # a probe is not a failback until it succeeds
+                self._note_route(prompt, lane)
+            return _Choice(lane, ticket, retry=streak > 0)
+        return None
+
+    def _wait_for_any(self, prompt: Any) -> float | None:
+        """Seconds until some usable provider could take this prompt, or None if none ever."""
+        waits = [
+            max(lane.circuit.available_in(), lane.gate.paused_for(), 0.0)
+            for lane in self.lanes
+            if self._usable(lane)
+        ]
+        if not waits:
+            return None
+        return max(min(waits), 0.01)
+
+    def _check_deadline(self, extra: float = 0.0) -> None:
+        if self.deadline is not None and self.clock() + extra > self.deadline:
+            raise DeadlineReached("the batch deadline passed before this prompt could be sent")
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def attempt(self, prompt: Any, call: Callable[[str], Awaitable[T]]) -> T:
+        """One attempt of ``prompt``: ``call(provider_name)`` on the best provider now."""
+        declined: list[MoveOnError] = []
+        while True:
+            self._check_deadline()
+            choice = self._choose(prompt)
+            if choice is None:
+                if not any(self._usable(lane) for lane in self.lanes):
+                    raise self._nothing_left(declined)
+                wait = self._wait_for_any(prompt) or 0.01
+                self._check_deadline(wait)
+                await self.sleep(wait)
+                continue
+            lane, ticket = choice.lane, choice.ticket
+            price = lane.price(prompt)
+            if not self.spend.try_reserve(price):
+                lane.circuit.cancel(ticket)
+                raise BudgetReached(
+                    f"sending this prompt (${price:.3f} on {lane.name}) would exceed the budget "
+                    f"of ${self.spend.cap:.2f} (spent ${self.spend.spent:.2f})"
+                )
+            if not lane.daily.try_consume():
+                self.spend.settle(price, charged=False)
+                lane.circuit.cancel(ticket)
+                self.emit("imagebatch.quota.exhausted", lane.name, {"reason": "daily allowance"})
+                continue
+            if choice.retry:
+                lane.retries.spend()
+            try:
+                return await self._call(prompt, lane, ticket, price, call)
+            except _Rerouted:
+                continue
+            except MoveOnError as exc:
+                declined.append(exc)
+                continue
+            except ContentRefused:
+                refused = self._refused[prompt.id]
+                refused.add(lane.name)
+                if self.refused_failover and any(
+                    self._usable(x) and x.name not in refused for x in self.lanes
+                ):
+                    continue
+                raise
+
+    async def _call(
+        self,
+        prompt: Any,
+        lane: Lane,
+        ticket: Ticket,
+        price: float,
+        call: Callable[[str], Awaitable[T]],
+    ) -> T:
+        admission = await lane.gate.acquire()
+        if not lane.circuit.valid(ticket):  # the circuit opened while this request waited
+            admission.admitted = False
+            lane.gate.release()
+            self.spend.settle(price, charged=False)
+            raise _Rerouted()
+        started = self.clock()
+        try:
+            result = await call(lane.name)
+        except ProviderError as exc:
+            self.spend.settle(price, charged=False)
+            self._record(prompt, lane, admission.waited_s, started, exc, ticket.probe)
+            self._learn(prompt, lane, ticket, admission, exc)
+            raise
+        finally:
+            lane.gate.release()
+        self.spend.settle(price, charged=True)
+        self._record(prompt, lane, admission.waited_s, started, None, ticket.probe)
+        lane.circuit.record_success(ticket)
+        lane.gate.on_success()
+        lane.retries.refill()
+        self._streaks.pop((prompt.id, lane.name), None)
+        return result
+
+    def _learn(
+        self, prompt: Any, lane: Lane, ticket: Ticket, admission: Any, exc: ProviderError
+    ) -> None:
+        if isinstance(exc, RetryableError):
+            self._streaks[(prompt.id, lane.name)] += 1
+            lane.circuit.record_failure(ticket, counts=isinstance(exc, CIRCUIT_ERRORS))
+            if isinstance(exc, RateLimited):
+                lane.gate.on_rate_limited(admission, exc.retry_after)
+            else:
+                if isinstance(exc, ProviderOverloaded):
+                    lane.gate.on_overload()
+                if exc.retry_after is not None:
+                    lane.gate.pause(exc.retry_after)
+            return
+        lane.circuit.record_failure(ticket, counts=False)  # it answered: it is up
+        if isinstance(exc, DailyQuotaExhausted):
+            lane.daily.exhaust()
+            self.emit("imagebatch.quota.exhausted", lane.name, {"error": str(exc)})
+        elif isinstance(exc, MoveOnError):
+            lane.disabled = str(exc)
+
+    def _record(
+        self,
+        prompt: Any,
+        lane: Lane,
+        waited: float,
+        started: float,
+        exc: ProviderError | None,
+        probe: bool,
+    ) -> None:
+        scale = lane.gate.settings.time_scale
+        self.on_attempt(
+            prompt,
+            AttemptInfo(
+                provider=lane.name,
+                outcome="ok" if exc is None else type(exc).__name__,
+                http_status=None if exc is None else exc.http_status,
+                latency_s=round((self.clock() - started) * scale, 4),
+                waited_s=round(waited * scale, 4),
+                error=None if exc is None else str(exc),
+                probe=probe,
+            ),
+        )
+
+    def _down(self, lane: Lane) -> bool:
+        """Whether a provider is out for everyone (not just for one prompt)."""
+        return (
+            not self._usable(lane)
+            or lane.circuit.available_in() > 0
+            or lane.gate.paused_for() > self.patience_s
+        )
+
+    def _note_route(self, prompt: Any, lane: Lane) -> None:
+        """Failover when work leaves the first provider because it is down; failback after."""
+        if getattr(prompt, "provider", None):
+            return
+        first = self.order(prompt)[0]
+        if lane is first:
+            if self._active is not None and self._active != first.name:
+                self.emit("imagebatch.provider.failback", first.name, {"from": self._active})
+            self._active = first.name
+        elif self._down(first) and self._active != lane.name:
+            self.emit("imagebatch.provider.failover", lane.name, {"from": first.name})
+            self._active = lane.name
+
+    def _nothing_left(self, declined: list[MoveOnError]) -> GiveUpError:
+        if all(lane.disabled is not None for lane in self.lanes):
+            last = declined[-1] if declined else None
+            reasons = "; ".join(f"{lane.name}: {lane.disabled}" for lane in self.lanes)
+            return ProvidersExhausted(
+                f"every provider in the chain declined: {reasons}",
+                http_status=last.http_status if last else None,
+            )
+        return QuotaGone("every provider's daily quota is used up until its reset")
+
+    def circuit_states(self) -> dict[str, str]:
+        return {lane.name: lane.circuit.state for lane in self.lanes}

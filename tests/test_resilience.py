@@ -1,0 +1,465 @@
+"""The resilience core in simulated time: gates, circuits, budgets, daily allowance, router."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from imagebatch import errors
+from imagebatch.config import parse_config
+from imagebatch.emulator import Emulator, EmulatorProfile, ProviderProfile, Window
+from imagebatch.models import Prompt
+from imagebatch.resilience import (
+    CircuitBreaker,
+    DailyAllowance,
+    FileUsageStore,
+    GateSettings,
+    MemoryUsageStore,
+    ProviderGate,
+    RetryBudget,
+    SpendCap,
+    build_router,
+)
+from tests.simclock import SimClock
+
+# ---------------------------------------------------------------- gate
+
+
+def _starts_in_any_window(starts: list[float], window: float = 60.0) -> int:
+    starts = sorted(starts)
+    best, j = 0, 0
+    for i, t in enumerate(starts):
+        while starts[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_no_minute_ever_holds_more_requests_than_the_rate_allows():
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=10, max_in_flight=50), clock=sim, sleep=sim.sleep)
+    starts: list[float] = []
+
+    async def one() -> None:
+        await gate.acquire()
+        starts.append(sim())
+        await sim.sleep(45)  # a slow call
+        gate.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(one() for _ in range(120)))
+
+    sim.run(many())
+    assert len(starts) == 120
+    assert _starts_in_any_window(starts) <= 10
+    gaps = [b - a for a, b in zip(sorted(starts), sorted(starts)[1:], strict=False)]
+    assert min(gaps) == pytest.approx(60 / 9.5)  # evenly spaced at 95% of the quota: no burst
+    assert max(starts) <= 119 * 60 / 9.5 + 1e-6  # and no slower than that
+
+
+def test_a_90_second_hint_delays_every_request_of_the_provider():
+    sim = SimClock(start=1000.0)
+    gate = ProviderGate(GateSettings(rpm=600, max_in_flight=10), clock=sim, sleep=sim.sleep)
+    gate.pause(90)
+    starts: list[float] = []
+
+    async def one() -> None:
+        admission = await gate.acquire()
+        starts.append(sim())
+        assert admission.waited_s >= 90
+        gate.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(one() for _ in range(5)))
+
+    sim.run(many())
+    assert min(starts) >= 1090
+
+
+def test_a_hint_that_arrives_while_requests_wait_holds_them_too():
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=6, max_in_flight=10), clock=sim, sleep=sim.sleep)
+    starts: list[float] = []
+
+    async def one() -> None:
+        await gate.acquire()
+        starts.append(sim())
+        if len(starts) == 1:
+            gate.pause(120)  # the first call comes back with a long hint
+        gate.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(one() for _ in range(3)))
+
+    sim.run(many())
+    assert starts[0] == 0 and min(starts[1:]) >= 120
+
+
+def test_in_flight_cap_holds():
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=None, max_in_flight=3), clock=sim, sleep=sim.sleep)
+    peak = 0
+
+    async def one() -> None:
+        nonlocal peak
+        await gate.acquire()
+        peak = max(peak, gate.in_flight)
+        await sim.sleep(10)
+        gate.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(one() for _ in range(20)))
+
+    sim.run(many())
+    assert peak == 3
+
+
+def test_overload_slows_down_and_successes_bring_the_rate_back():
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=20), clock=sim, sleep=sim.sleep)
+    assert gate.rate == pytest.approx(19)
+    gate.on_overload()
+    gate.on_overload()
+    assert gate.rate == pytest.approx(4.75)
+    for _ in range(20):
+        gate.on_success()
+    assert gate.rate == pytest.approx(19)
+
+
+# ---------------------------------------------------------------- a simulated night
+
+
+def _prices(config):
+    def fixed(price: float):
+        return lambda prompt: price
+
+    return {p.name: fixed(p.price_for("1K")) for p in config.providers}
+
+
+FAULT_ERRORS = {
+    "rate_limited": errors.RateLimited,
+    "rate_limited_no_hint": errors.RateLimited,
+    "daily_quota": errors.DailyQuotaExhausted,
+    "overloaded": errors.ProviderOverloaded,
+    "server_error": errors.ProviderServerError,
+    "hang": errors.ProviderTimeout,
+    "safety": errors.ContentRefused,
+}
+
+
+def night(config_text: str, profile: EmulatorProfile, prompts: int, *, concurrency: int = 16):
+    """Run ``prompts`` through the router against the emulator's engine, in simulated time."""
+    sim = SimClock()
+    emulator = Emulator(profile, clock=sim)
+    config = parse_config(config_text, source="test")
+    events: list[tuple[str, str, float]] = []
+    router = build_router(
+        config,
+        _prices(config),
+        store=MemoryUsageStore(),
+        emit=lambda event, provider, payload: events.append((event, provider, sim())),
+        clock=sim,
+        sleep=sim.sleep,
+    )
+    outcomes: dict[str, str] = {}
+
+    async def call(prompt: Prompt, name: str) -> str:
+        decision = emulator.decide(
+            name, wire="gemini", model="m", prompt=prompt.prompt, api_key=None
+        )
+        await sim.sleep(decision.latency_s)
+        emulator.finish(decision, 200 if decision.fault == "ok" else 500, decision.latency_s)
+        if decision.fault != "ok":
+            raise FAULT_ERRORS[decision.fault](decision.fault, retry_after=decision.retry_after_s)
+        return name
+
+    async def one(prompt: Prompt, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            for attempt in range(config.retry.max_attempts):
+                try:
+                    outcomes[prompt.id] = await router.attempt(prompt, lambda n: call(prompt, n))
+                    return
+                except errors.RetryableError:
+                    await sim.sleep(
+                        config.retry.delays()[min(attempt, len(config.retry.delays()) - 1)]
+                    )
+                except errors.GiveUpError as exc:
+                    outcomes[prompt.id] = exc.final_status
+                    return
+            outcomes[prompt.id] = "failed"
+
+    async def run() -> None:
+        limit = asyncio.Semaphore(concurrency)
+        await asyncio.gather(
+            *(one(Prompt(id=f"p{i}", prompt=f"p{i}"), limit) for i in range(prompts))
+        )
+
+    sim.run(run())
+    return outcomes, emulator.log, events, sim()
+
+
+CHAIN = """
+providers:
+  - {name: primary, kind: local, model: m, limits: {rpm: 10, max_in_flight: 16},
+     price_usd: {1K: 0.1}}
+  - {name: backup, kind: local, model: m, limits: {rpm: 5, max_in_flight: 8}, price_usd: {1K: 0.05}}
+renditions: [{name: o, format: png}]
+"""
+
+
+def _stats(log, provider: str):
+    calls = [e for e in log if e.provider == provider]
+    limited = sum(e.fault.startswith("rate_limited") for e in calls)
+    ok = sum(e.fault == "ok" for e in calls)
+    return calls, limited, ok
+
+
+def test_with_a_hidden_lower_quota_the_gate_settles_under_it():
+    profile = EmulatorProfile(
+        providers={"primary": ProviderProfile(rpm=7, latency_median_s=40, latency_p99_s=90)}
+    )
+    config = CHAIN.split("  - {name: backup")[0] + "renditions: [{name: o, format: png}]\n"
+    outcomes, log, _, _ = night(config, profile, 300)
+    calls, limited, ok = _stats(log, "primary")
+    assert set(outcomes.values()) == {"primary"}
+    assert limited / len(calls) < 0.03
+    last_start = max(e.t_sim_s for e in calls)
+    assert ok / (last_start / 60 * 7) >= 0.9  # at least 90% of the real quota used
+
+
+def test_with_the_quota_as_configured_no_call_gets_a_429():
+    profile = EmulatorProfile(
+        providers={"primary": ProviderProfile(rpm=10, latency_median_s=40, latency_p99_s=90)}
+    )
+    config = CHAIN.split("  - {name: backup")[0] + "renditions: [{name: o, format: png}]\n"
+    _, log, _, _ = night(config, profile, 200)
+    calls, limited, ok = _stats(log, "primary")
+    assert limited == 0 and ok == 200 == len(calls)
+
+
+def test_overload_window_fails_over_then_back_with_few_extra_calls():
+    window = Window(start_s=600, duration_s=900, rate=0.9, extra_latency_s=20)
+    profile = EmulatorProfile(
+        seed=3,
+        providers={
+            "primary": ProviderProfile(
+                rpm=10, latency_median_s=30, latency_p99_s=60, overload_windows=[window]
+            ),
+            "backup": ProviderProfile(rpm=5, latency_median_s=20, latency_p99_s=40),
+        },
+    )
+    outcomes, log, events, _ = night(CHAIN, profile, 300)
+    assert all(v in ("primary", "backup") for v in outcomes.values()) and len(outcomes) == 300
+    kinds = [e for e, _, _ in events]
+    assert "imagebatch.circuit.opened" in kinds and "imagebatch.provider.failover" in kinds
+    assert "imagebatch.circuit.closed" in kinds and "imagebatch.provider.failback" in kinds
+    opened = next(t for e, _, t in events if e == "imagebatch.circuit.opened")
+    closed = [t for e, _, t in events if e == "imagebatch.circuit.closed"][-1]
+    assert 600 <= opened < 900 and 1500 <= closed <= 1500 + 300 + 120  # back within a probe
+    primary = [e for e in log if e.provider == "primary"]
+    while_open = [e for e in primary if opened + 60 < e.t_sim_s < 1500]
+    # after the circuit opened only probes (one per interval, 300 s) reached the primary
+    assert len(while_open) <= (1500 - opened) / 300 + 1
+    calls = len(log)
+    assert (calls - 300) / 300 < 0.2  # extra calls per success
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+
+def test_circuit_opens_after_exactly_n_then_one_probe_then_closes():
+    sim = SimClock()
+    changes: list[str] = []
+    circuit = CircuitBreaker(threshold=3, probe_interval_s=300, clock=sim, on_change=changes.append)
+    tickets = [circuit.allow() for _ in range(4)]
+    for t in tickets[:2]:
+        circuit.record_failure(t, counts=True)
+    assert circuit.state == "closed"
+    circuit.record_failure(tickets[2], counts=True)
+    assert circuit.state == "open" and changes == ["opened"]
+    circuit.record_failure(tickets[3], counts=True)  # was in flight: changes nothing
+    assert circuit.allow() is None
+    sim.now = 299
+    assert circuit.allow() is None
+    sim.now = 300
+    probe = circuit.allow()
+    assert probe is not None and probe.probe and circuit.allow() is None  # a single probe
+    circuit.record_success(probe)
+    assert circuit.state == "closed" and changes == ["opened", "closed"]
+
+
+def test_a_failed_probe_reopens_for_another_interval():
+    sim = SimClock()
+    circuit = CircuitBreaker(threshold=1, probe_interval_s=100, clock=sim)
+    circuit.record_failure(circuit.allow(), counts=True)
+    sim.now = 100
+    circuit.record_failure(circuit.allow(), counts=True)
+    assert circuit.state == "open" and circuit.available_in() == 100
+    sim.now = 150
+    assert circuit.allow() is None
+
+
+def test_errors_that_are_not_outages_reset_the_count():
+    circuit = CircuitBreaker(threshold=3)
+    for counts in (True, True, False, True, True):
+        circuit.record_failure(circuit.allow(), counts=counts)
+    assert circuit.state == "closed"
+
+
+# ---------------------------------------------------------------- budgets and daily allowance
+
+
+def test_retry_budget_caps_extra_calls_at_its_ratio():
+    budget = RetryBudget(ratio=0.1, reserve=5)
+    retries = 0
+    for i in range(1000):
+        if i % 2:
+            budget.refill()  # a success
+        elif budget.can_retry():
+            budget.spend()
+            retries += 1
+    assert retries <= 5 + 0.1 * 500
+
+
+def test_spend_never_exceeds_the_cap_with_reservations_in_flight():
+    cap = SpendCap(1.0)
+    admitted = [cap.try_reserve(0.3) for _ in range(5)]
+    assert admitted == [True, True, True, False, False]
+    cap.settle(0.3, charged=False)  # one call failed: its reservation comes back
+    assert cap.try_reserve(0.3)
+    for _ in range(3):
+        cap.settle(0.3, charged=True)
+    assert cap.spent <= 1.0 and not cap.try_reserve(0.2)
+
+
+def test_daily_allowance_survives_a_restart_and_resets_at_midnight_pacific(tmp_path):
+    clock = [datetime(2026, 11, 28, 7, 59, tzinfo=UTC)]  # 23:59 Pacific on the 27th
+    first = DailyAllowance("gemini", 3, store=FileUsageStore(tmp_path), now=lambda: clock[0])
+    assert [first.try_consume() for _ in range(2)] == [True, True]
+    restarted = DailyAllowance("gemini", 3, store=FileUsageStore(tmp_path), now=lambda: clock[0])
+    assert [restarted.try_consume() for _ in range(2)] == [True, False]
+    assert not restarted.available()
+    assert restarted.seconds_to_reset() == pytest.approx(60)
+    clock[0] += timedelta(minutes=2)  # 00:01 Pacific: a new day
+    assert restarted.available() and restarted.try_consume()
+
+
+def test_daily_quota_error_exhausts_the_provider_until_the_reset(tmp_path):
+    clock = [datetime(2026, 11, 28, 12, 0, tzinfo=UTC)]
+    allowance = DailyAllowance(
+        "g", None, store=MemoryUsageStore(), reset="06:00", timezone="UTC", now=lambda: clock[0]
+    )
+    allowance.exhaust()
+    assert not allowance.available() and not allowance.try_consume()
+    clock[0] += timedelta(hours=18, minutes=1)
+    assert allowance.available()
+
+
+# ---------------------------------------------------------------- router
+
+
+def _router(text: str, **kwargs):
+    sim = SimClock()
+    config = parse_config(text, source="test")
+    events: list[str] = []
+    router = build_router(
+        config,
+        _prices(config),
+        store=MemoryUsageStore(),
+        emit=lambda event, provider, payload: events.append(f"{event}:{provider}"),
+        clock=sim,
+        sleep=sim.sleep,
+        **kwargs,
+    )
+    return router, sim, events
+
+
+def _attempt(router, sim, prompt, script):
+    calls: list[str] = []
+
+    async def call(name: str) -> str:
+        calls.append(name)
+        outcome = script(name, len(calls))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return name
+
+    try:
+        return sim.run(router.attempt(prompt, call)), calls
+    except Exception as exc:
+        return exc, calls
+
+
+def test_router_orders_by_priority_or_price_with_the_prompts_preference_first():
+    router, _, _ = _router(CHAIN)
+    plain, preferring = Prompt(id="a", prompt="x"), Prompt(id="b", prompt="x", provider="backup")
+    assert [x.name for x in router.order(plain)] == ["primary", "backup"]
+    assert [x.name for x in router.order(preferring)] == ["backup", "primary"]
+    cheapest, _, _ = _router(
+        CHAIN.replace("renditions:", "routing: {strategy: cheapest}\nrenditions:")
+    )
+    assert [x.name for x in cheapest.order(plain)] == ["backup", "primary"]
+
+
+def test_a_prompt_that_keeps_failing_on_one_provider_moves_to_the_next():
+    router, sim, _ = _router(CHAIN)
+    prompt = Prompt(id="p", prompt="x")
+    flaky = lambda name, n: errors.ProviderServerError("500") if name == "primary" else "ok"  # noqa: E731
+    for _ in range(2):
+        result, calls = _attempt(router, sim, prompt, flaky)
+        assert isinstance(result, errors.ProviderServerError) and calls == ["primary"]
+    result, calls = _attempt(router, sim, prompt, flaky)
+    assert result == "backup" and calls == ["backup"]
+
+
+def test_auth_failure_disables_a_provider_for_the_run_and_moves_on_now():
+    router, sim, _ = _router(CHAIN)
+    script = lambda name, n: errors.AuthenticationFailed("401") if name == "primary" else "ok"  # noqa: E731
+    result, calls = _attempt(router, sim, Prompt(id="a", prompt="x"), script)
+    assert result == "backup" and calls == ["primary", "backup"]
+    result, calls = _attempt(router, sim, Prompt(id="b", prompt="x"), script)
+    assert calls == ["backup"]
+
+
+def test_everything_declined_fails_and_quota_gone_skips():
+    router, sim, _ = _router(CHAIN)
+    result, _ = _attempt(
+        router, sim, Prompt(id="a", prompt="x"), lambda n, i: errors.ModelNotFound("404")
+    )
+    assert isinstance(result, errors.ProvidersExhausted) and result.final_status == "failed"
+    router, sim, events = _router(CHAIN)
+    result, _ = _attempt(
+        router, sim, Prompt(id="a", prompt="x"), lambda n, i: errors.DailyQuotaExhausted("rpd")
+    )
+    assert isinstance(result, errors.QuotaGone) and result.final_status == "skipped"
+    assert "imagebatch.quota.exhausted:primary" in events
+
+
+def test_budget_and_deadline_skip_prompts_without_calling():
+    router, sim, _ = _router(CHAIN.replace("renditions:", "budget_usd: 0.15\nrenditions:"))
+    ok = lambda name, n: "ok"  # noqa: E731
+    assert _attempt(router, sim, Prompt(id="a", prompt="x"), ok)[0] == "primary"
+    result, calls = _attempt(router, sim, Prompt(id="b", prompt="x"), ok)
+    assert (
+        isinstance(result, errors.BudgetReached)
+        and calls == []
+        and result.final_status == "skipped"
+    )
+    router, sim, _ = _router(CHAIN.replace("renditions:", "deadline_s: 100\nrenditions:"))
+    sim.now = 101
+    result, calls = _attempt(router, sim, Prompt(id="c", prompt="x"), ok)
+    assert isinstance(result, errors.DeadlineReached) and calls == []
+
+
+def test_refused_content_may_try_other_providers_when_configured():
+    refuse = lambda name, n: errors.ContentRefused("IMAGE_SAFETY") if name == "primary" else "ok"  # noqa: E731
+    router, sim, _ = _router(CHAIN)
+    result, _ = _attempt(router, sim, Prompt(id="a", prompt="x"), refuse)
+    assert isinstance(result, errors.ContentRefused)
+    router, sim, _ = _router(
+        CHAIN.replace("renditions:", "routing: {refused_content_failover: true}\nrenditions:")
+    )
+    result, calls = _attempt(router, sim, Prompt(id="a", prompt="x"), refuse)
+    assert result == "backup" and calls == ["primary", "backup"]
