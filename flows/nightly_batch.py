@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import datetime
+from pathlib import Path
 
 from prefect import Task, flow, get_run_logger
 from prefect.events import emit_event
@@ -24,8 +25,10 @@ from tasks.process import process_image
 from tasks.publish import publish_images, record_failure
 from tasks.report import (
     event_emitter,
+    find_blocked,
     find_finished,
     publish_report,
+    record_batch,
     start_progress,
     update_progress,
     write_manifest,
@@ -79,6 +82,19 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
             retry_jitter_factor=config.retry.jitter,
         )
         finished = find_finished(runtime.records)
+        if not run.retry_blocked:
+            finished |= find_blocked(runtime.records)  # kept as they are, counted as resumed
+        record_batch(
+            runtime.records,
+            loaded.prompts,
+            {
+                **run.model_dump(mode="json"),
+                "prompts": str(Path(run.prompts).resolve()),
+                "config": str(Path(run.config).resolve()) if run.config else None,
+                "batch_id": batch_id,
+                "output": sink.uri(),
+            },
+        )
         progress = BatchProgress(batch_id=batch_id, total=len(loaded.prompts))
         artifact_id = await start_progress(progress)
         limit = asyncio.Semaphore(run.max_in_flight or config.max_in_flight)

@@ -43,6 +43,9 @@ class BatchRun(BaseModel):
     max_in_flight: int | None = Field(
         default=None, ge=1, le=1000, description="Prompts worked on at once; empty for the config's"
     )
+    retry_blocked: bool = Field(
+        default=True, description="Also try again prompts a provider refused in an earlier run"
+    )
 
 
 def default_batch_id(source: str, day: date) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from imagebatch.progress import BatchProgress, add_listener, remove_listener
 
 if TYPE_CHECKING:
-    from imagebatch.batch import BatchSummary
+    from imagebatch.batch import BatchRun, BatchSummary
 
 __all__ = ["main"]
 
@@ -50,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
+    rerun = sub.add_parser(
+        "rerun",
+        help="run again the prompts of a batch that did not succeed",
+        description="Run again, as the same batch, the prompts of a batch that did not succeed "
+        "(failed and skipped; with --include-blocked also those a provider refused). Exit "
+        "status as for run.",
+    )
+    rerun.add_argument("manifest", metavar="MANIFEST", help="the batch's manifest.jsonl")
+    rerun.add_argument("--include-blocked", action="store_true", help="retry refused prompts too")
+    rerun.add_argument("--config", metavar="FILE", help="another config (default: the batch's)")
+    rerun.add_argument("--quiet", action="store_true", help="no progress bar")
+    rerun.set_defaults(handler=_cmd_rerun)
+
     emu = sub.add_parser(
         "emulator",
         help="serve the provider emulator (every wire format, with faults)",
@@ -74,7 +87,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from imagebatch.batch import BatchRun
-    from imagebatch.errors import InputError
 
     try:
         params = BatchRun(
@@ -89,6 +101,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         err = exc.errors()[0]
         print(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return EXIT_INPUT
+    return _run_flow(params, quiet=args.quiet)
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from imagebatch.batch import BatchRun
+    from imagebatch.records import BATCH_NAME, PROMPTS_NAME
+
+    manifest = Path(args.manifest.removeprefix("file://"))
+    settings = manifest.parent / BATCH_NAME
+    if not manifest.is_file() or not settings.is_file():
+        what = "manifest" if not manifest.is_file() else f"batch settings {settings.name}"
+        print(
+            f"error: {args.manifest}: no {what} there; give a batch's manifest.jsonl",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
+    saved = json.loads(settings.read_text("utf-8"))
+    params = BatchRun(
+        prompts=str(manifest.parent / PROMPTS_NAME),
+        config=args.config or saved.get("config"),
+        output=str(manifest.parent.parent),
+        batch_id=saved["batch_id"],
+        max_in_flight=saved.get("max_in_flight"),
+        retry_blocked=args.include_blocked,
+    )
+    return _run_flow(params, quiet=args.quiet)
+
+
+def _run_flow(params: BatchRun, *, quiet: bool) -> int:
+    from imagebatch.errors import InputError
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # without PREFECT_API_URL Prefect starts a temporary server; a first start migrates its
@@ -99,7 +144,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
     from flows.nightly_batch import nightly_batch
 
-    show_bar = not args.quiet and sys.stderr.isatty()
+    show_bar = not quiet and sys.stderr.isatty()
     with _progress_bar(enabled=show_bar):
         state = asyncio.run(nightly_batch(run=params, return_state=True))
     result = state.result(raise_on_failure=False)

@@ -7,14 +7,17 @@ replaced when a later run settles the prompt, and removed once the prompt succee
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
-from imagebatch.models import PromptRecord
+from imagebatch.models import Prompt, PromptRecord
 from imagebatch.storage import Sink
 
-__all__ = ["MANIFEST_NAME", "RecordStore"]
+__all__ = ["BATCH_NAME", "MANIFEST_NAME", "PROMPTS_NAME", "RecordStore"]
 
 MANIFEST_NAME = "manifest.jsonl"
+PROMPTS_NAME = "_prompts.jsonl"  # the batch's validated prompts, for reruns
+BATCH_NAME = "_batch.json"  # what the batch was run with
 _SUCCESS = "_success.json"
 _FAILURE = "_failure.json"
 _JSON = "application/json"
@@ -88,6 +91,27 @@ class RecordStore:
             metadata={},
         )
         return records
+
+    def blocked_ids(self) -> set[str]:
+        """Ids of prompts whose latest record says a provider refused them."""
+        blocked = set()
+        for key in self.sink.list(f"{self.batch_id}/"):
+            if key.endswith(f"/{_FAILURE}") and key.count("/") == 2:
+                data = self.sink.read(key)
+                if data and PromptRecord.model_validate_json(data).status == "blocked":
+                    blocked.add(key.split("/")[-2])
+        return blocked
+
+    def write_batch(self, prompts: Iterable[Prompt], run: dict) -> None:
+        """Keep the batch's prompts and run settings beside it, so a rerun needs nothing else."""
+        body = "".join(p.model_dump_json(exclude_none=True) + "\n" for p in prompts).encode()
+        for name, data, content_type in (
+            (PROMPTS_NAME, body, "application/x-ndjson"),
+            (BATCH_NAME, json.dumps(run, indent=2).encode(), "application/json"),
+        ):
+            key = f"{self.batch_id}/{name}"
+            if self.sink.read(key) != data:  # a resumed run leaves them as they are
+                self.sink.write(key, data, content_type=content_type, metadata={})
 
     @property
     def manifest_uri(self) -> str:

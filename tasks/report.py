@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from imagebatch.batch import BatchSummary
-from imagebatch.models import PromptRecord
+from imagebatch.models import Prompt, PromptRecord
 from imagebatch.progress import BatchProgress
 from imagebatch.records import RecordStore
 from imagebatch.report import markdown_report, provider_table
@@ -59,6 +59,18 @@ def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter)
 def find_finished(records: RecordStore) -> set[str]:
     """Ids of prompts of this batch that already have a success record (resumed, not redone)."""
     return records.succeeded_ids()
+
+
+@task(name="find_blocked", cache_policy=NO_CACHE)
+def find_blocked(records: RecordStore) -> set[str]:
+    """Ids of prompts a provider refused in an earlier run of this batch."""
+    return records.blocked_ids()
+
+
+@task(name="record_batch", cache_policy=NO_CACHE)
+def record_batch(records: RecordStore, prompts: list[Prompt], run: dict[str, Any]) -> None:
+    """Keep the batch's validated prompts and run settings beside it (for ``imagebatch rerun``)."""
+    records.write_batch(prompts, run)
 
 
 @task(name="write_manifest", cache_policy=NO_CACHE, persist_result=False)

@@ -67,7 +67,8 @@ def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
     for record in records:
         assert {o["rendition"] for o in record["objects"]} == {"original", "web", "thumb"}
     before = _snapshot(tmp_path / "out")
-    assert len(before) == n_prompts * 4  # three renditions and a success record each
+    # three renditions and a success record each, and the batch's prompts and settings
+    assert len(before) == n_prompts * 4 + 2
 
     second = _imagebatch(
         "run",
@@ -232,3 +233,73 @@ def test_run_with_gemini_primary_on_the_emulator_end_to_end(tmp_path, prefect_se
     for record in first + second:
         with Image.open(record["objects"][0]["uri"].removeprefix("file://")) as im:
             im.load()
+
+
+def test_rerun_runs_only_what_did_not_succeed_and_blocked_only_on_request(tmp_path, prefect_server):
+    from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+
+    prompts = tmp_path / "night.jsonl"
+    prompts.write_text(
+        '{"id": "cat", "prompt": "a cat"}\n{"id": "odd", "prompt": "something forbidden"}\n'
+        '{"id": "dog", "prompt": "a dog"}\n'
+    )
+    # two requests a day: the refused prompt uses one, so one good prompt is left unsent
+    profile = EmulatorProfile(
+        providers={"primary": ProviderProfile(rpd=2, safety_keywords=["forbidden"])}
+    )
+    with EmulatorServer(profile) as server:
+        (tmp_path / "config.yaml").write_text(
+            "providers:\n"
+            f"  - {{name: primary, kind: gemini, model: m, base_url: {server.url},\n"
+            "     api_key_env: K}\n"
+            "renditions: [{name: original, format: png}]\nfailure_threshold: 0.5\n"
+        )
+        keys = {"K": "emulator-key"}
+        first = _imagebatch(
+            "run",
+            str(prompts),
+            "--config",
+            "config.yaml",
+            "--output",
+            "out",
+            "--batch-id",
+            "n1",
+            "--quiet",
+            api_url=prefect_server,
+            cwd=tmp_path,
+            env=keys,
+        )
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert "succeeded 1  blocked 1  failed 0  skipped 1" in first.stdout
+        manifest = tmp_path / "out" / "n1" / "manifest.jsonl"
+
+        httpx.post(f"{server.url}/_emulator/providers/primary", json={"rpd": 100})
+        sent_before = len(server.emulator.log)
+        second = _imagebatch(
+            "rerun", str(manifest), "--quiet", api_url=prefect_server, cwd=ROOT, env=keys
+        )
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "succeeded 2  blocked 1  failed 0  skipped 0  resumed 2" in second.stdout
+        assert len(server.emulator.log) == sent_before + 1  # only the skipped prompt was sent
+
+        httpx.post(f"{server.url}/_emulator/providers/primary", json={"safety_keywords": []})
+        third = _imagebatch(
+            "rerun",
+            str(manifest),
+            "--include-blocked",
+            "--quiet",
+            api_url=prefect_server,
+            cwd=ROOT,
+            env=keys,
+        )
+        assert third.returncode == 0, third.stderr[-2000:]
+        assert len(server.emulator.log) == sent_before + 2
+    records = {r["id"]: r for r in map(json.loads, manifest.read_text().splitlines())}
+    assert {k: r["status"] for k, r in records.items()} == dict.fromkeys(
+        ("cat", "odd", "dog"), "succeeded"
+    )
+
+
+def test_rerun_names_a_missing_manifest(tmp_path, prefect_server):
+    result = _imagebatch("rerun", "nope/manifest.jsonl", api_url=prefect_server, cwd=tmp_path)
+    assert result.returncode == 2 and "no manifest there" in result.stderr

@@ -1,0 +1,177 @@
+"""Resilience in the real flow: real SDKs against the emulator, on a real Prefect server.
+
+Faults are keyed to request counts or switched through the emulator's control endpoint when the
+emulator's own log says the batch got there; nothing waits on wall-clock windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from imagebatch.batch import BatchRun
+from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile, ScriptedFault
+
+pytestmark = pytest.mark.flow
+
+CONFIG = """
+providers:
+  - name: primary
+    kind: gemini
+    model: gemini-3-pro-image-preview
+    base_url: {url}/p/primary
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: {rpm}, max_in_flight: 8}}
+    timeout_s: 10
+  - name: backup
+    kind: openai
+    model: gpt-image-1.5
+    base_url: {url}/p/backup
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: {rpm}, max_in_flight: 2}}
+    timeout_s: 10
+routing: {{failover_after: 3, probe_interval_s: {probe}}}
+retry: {{base_delay_s: 0.2, max_delay_s: 1}}
+renditions: [{{name: original, format: png}}]
+max_in_flight: 8
+"""
+
+
+@pytest.fixture
+def run_batch(tmp_path, prefect_server, monkeypatch):
+    monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
+
+    def run(
+        server: EmulatorServer,
+        prompts: int,
+        batch_id: str,
+        *,
+        rpm=600,
+        probe=300,
+        only_primary=False,
+    ):
+        text = CONFIG.format(url=server.url, rpm=rpm, probe=probe)
+        if only_primary:
+            text = text.split("  - name: backup")[0] + text[text.index("routing:") :]
+        (tmp_path / "config.yaml").write_text(text)
+        (tmp_path / "p.jsonl").write_text(
+            "".join(
+                json.dumps({"id": f"p{i:02d}", "prompt": f"prompt {i}"}) + "\n"
+                for i in range(prompts)
+            )
+        )
+        from flows.nightly_batch import nightly_batch
+
+        params = BatchRun(
+            prompts=str(tmp_path / "p.jsonl"),
+            config=str(tmp_path / "config.yaml"),
+            output=str(tmp_path / "out"),
+            batch_id=batch_id,
+        )
+        state = asyncio.run(nightly_batch(run=params, return_state=True))
+        manifest = tmp_path / "out" / batch_id / "manifest.jsonl"
+        records = [json.loads(line) for line in manifest.read_text().splitlines()]
+        return state, records
+
+    return run
+
+
+async def _flow_logs(flow_run_id) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [x.message for x in logs]
+
+
+def _poll_logs(flow_run_id, needle: str, timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = asyncio.run(_flow_logs(flow_run_id))
+        if any(needle in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.2)
+
+
+def test_overload_fails_over_and_comes_back_when_it_ends(run_batch):
+    profile = EmulatorProfile(
+        providers={
+            "primary": ProviderProfile(outage=True),
+            "backup": ProviderProfile(latency_median_s=0.3),
+        }
+    )
+    with EmulatorServer(profile) as server:
+        log = server.emulator.log
+
+        def end_overload_once_failed_over() -> None:
+            # the emulator's log tells when the batch has failed over: then the outage ends
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                primary = [e for e in log if e.provider == "primary" and e.status is not None]
+                backup = [e for e in log if e.provider == "backup" and e.status == 200]
+                if len(primary) >= 3 and len(backup) >= 4:
+                    httpx.post(f"{server.url}/_emulator/providers/primary", json={"outage": False})
+                    return
+                time.sleep(0.05)
+
+        switcher = threading.Thread(target=end_overload_once_failed_over)
+        switcher.start()
+        state, records = run_batch(server, 30, "overload-1", probe=1.0)
+        switcher.join()
+        requests = list(log)
+
+    assert state.name == "Completed" and len(records) == 30
+    assert all(r["status"] == "succeeded" for r in records)
+    primary = [e for e in requests if e.provider == "primary"]
+    assert [e.status for e in primary[:3]] == [503, 503, 503]
+    opened_at = primary[2].t_wall_s
+    # after the third consecutive 503 only probes reached the primary, one per probe interval
+    while_open = [e for e in primary[3:] if e.status == 503]
+    assert all(b.t_wall_s - a.t_wall_s >= 0.9 for a, b in itertools.pairwise(while_open))
+    assert any(e.provider == "backup" and e.t_wall_s > opened_at for e in requests)
+    # the primary came back: the batch ended on it
+    assert requests[-1].provider == "primary" and primary[-1].status == 200
+    served = {r["provider"] for r in records}
+    assert served == {"primary", "backup"}
+
+    messages = _poll_logs(state.state_details.flow_run_id, "imagebatch.provider.failback")
+    for event in ("circuit.opened", "provider.failover", "circuit.closed", "provider.failback"):
+        assert any(f"imagebatch.{event}" in m for m in messages), event
+
+
+def test_a_quota_equal_to_the_configured_one_gets_no_429(run_batch, monkeypatch):
+    # 30 requests per (simulated) minute on both sides, time running 5x: a minute is 12 s. The
+    # 5% margin leaves 0.6 s for arrival jitter here (3 s at real speed).
+    monkeypatch.setenv("IMAGEBATCH_TIME_SCALE", "5")
+    profile = EmulatorProfile(
+        time_scale=5, providers={"primary": ProviderProfile(rpm=30, latency_median_s=10)}
+    )
+    with EmulatorServer(profile) as server:
+        state, records = run_batch(server, 40, "quota-1", rpm=30, only_primary=True)
+        statuses = [e.status for e in server.emulator.log]
+    assert state.name == "Completed"
+    assert statuses == [200] * 40
+    assert all(r["provider"] == "primary" for r in records)
+
+
+def test_a_transient_503_is_a_visible_prefect_retry_through_the_real_sdk(run_batch):
+    profile = EmulatorProfile(
+        providers={"primary": ProviderProfile(script=[ScriptedFault(first=1, fault="overloaded")])}
+    )
+    with EmulatorServer(profile) as server:
+        state, records = run_batch(server, 1, "retry-sdk", only_primary=True)
+    assert state.name == "Completed"
+    assert [a["outcome"] for a in records[0]["attempts"]] == ["ProviderOverloaded", "ok"]
+    assert records[0]["attempts"][0]["http_status"] == 503
+    messages = _poll_logs(state.state_details.flow_run_id, "Retry 1/")
+    retry = next(m for m in messages if "Retry 1/" in m)
+    assert "primary/gemini-3-pro-image-preview HTTP 503" in retry and "overloaded" in retry
