@@ -62,6 +62,7 @@ class ProviderGate:
         self.paused_until = 0.0
         self._starts: deque[Admission] = deque()
         self._clean_since = clock()
+        self._probe_from: float | None = None  # the ceiling before the last try at one more
         self._epoch = 0  # bumped when the pace changes for the worse: waiting slots re-claim
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
 
@@ -162,7 +163,8 @@ class ProviderGate:
             self.rate = min(target, self.rate + max(0.5, target * 0.1))
         probe_after = self.settings.probe_up_after_s / self.settings.time_scale
         if self.ceiling is not None and now - self._clean_since >= probe_after:
-            self.ceiling += 1.0  # try one more request per minute; a 429 teaches us again
+            self._probe_from = self.ceiling
+            self.ceiling += 1.0  # try one more request per minute; a 429 takes it back
             self._clean_since = now
             if self.configured_rpm is not None and self.ceiling >= self.configured_rpm:
                 self.ceiling = None
@@ -177,10 +179,14 @@ class ProviderGate:
             admission.admitted = False
         window_start = now - self._window()
         admitted = sum(1 for a in self._starts if a.admitted and window_start < a.started <= now)
-        if self.configured_rpm is not None and self.rate is not None:
+        limit = self.ceiling if self.ceiling is not None else self.configured_rpm
+        if self._probe_from is not None:  # one more per minute was too many: back to before
+            self.ceiling, self._probe_from = self._probe_from, None
+            self.rate = self._target()
+        elif limit is not None and self.rate is not None and admitted < limit - 1:
             # the server let ``admitted`` through in the last minute: its real ceiling, near enough
-            ceiling = max(self.settings.min_rpm, float(admitted), self.rate * 0.5)
-            self.ceiling = None if ceiling >= self.configured_rpm else ceiling
+            # (with the window as full as we fill it, a 429 is arrival jitter, not a lower quota)
+            self.ceiling = max(self.settings.min_rpm, float(admitted), self.rate * 0.5)
             self.rate = self._target()
         self.next_slot = max(now + self.interval(), self.paused_until)
         self._clean_since = now
