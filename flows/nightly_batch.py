@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 
 from prefect import Task, flow, get_run_logger
-from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
@@ -24,6 +23,7 @@ from tasks.load import load_config, load_prompts, resolve_provider_blocks
 from tasks.process import process_image
 from tasks.publish import publish_images, record_failure
 from tasks.report import (
+    emit_batch_completed,
     event_emitter,
     find_blocked,
     find_finished,
@@ -135,14 +135,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
         await publish_report(summary, records)
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
-    emit_event(
-        event="imagebatch.batch.completed",
-        resource={
-            "prefect.resource.id": f"imagebatch.batch.{batch_id}",
-            "outcome": summary.outcome,
-        },
-        payload=summary.model_dump(mode="json"),
-    )
+    emit_batch_completed(summary)
     if summary.outcome == "failed":
         return Failed(message=summary.message, data=summary)
     if summary.outcome == "partial":

@@ -55,6 +55,18 @@ def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter)
     return emit
 
 
+def emit_batch_completed(summary: BatchSummary) -> None:
+    """``imagebatch.batch.completed``, with the counts, for automations."""
+    emit_event(
+        event="imagebatch.batch.completed",
+        resource={
+            "prefect.resource.id": f"imagebatch.batch.{summary.batch_id}",
+            "outcome": summary.outcome,
+        },
+        payload=summary.model_dump(mode="json"),
+    )
+
+
 @task(name="find_finished", cache_policy=NO_CACHE)
 def find_finished(records: RecordStore) -> set[str]:
     """Ids of prompts of this batch that already have a success record (resumed, not redone)."""
