@@ -175,20 +175,14 @@ def test_run_with_gemini_primary_on_the_emulator_end_to_end(tmp_path, prefect_se
             "OPENAI_API_KEY": "emulator-key",
             "IMAGEBATCH_TIME_SCALE": "100",
         }
-        result = _imagebatch(
-            "run",
-            str(EXAMPLE),
-            "--config",
-            "config.yaml",
-            "--output",
-            "out",
-            "--batch-id",
-            "gemini-1",
-            "--quiet",
-            api_url=prefect_server,
-            cwd=tmp_path,
-            env=keys,
-        )
+
+        def run_example(batch_id: str) -> subprocess.CompletedProcess[str]:
+            args = ["--config", "config.yaml", "--output", "out", "--batch-id", batch_id, "--quiet"]
+            return _imagebatch(
+                "run", str(EXAMPLE), *args, api_url=prefect_server, cwd=tmp_path, env=keys
+            )
+
+        result = run_example("gemini-1")
         assert result.returncode == 0, result.stderr[-3000:]
         log = httpx.get(f"{server.url}/_emulator/log").json()["providers"]
         assert log == {"primary": {"requests": n, "statuses": {"200": n}, "wires": {"gemini": n}}}
@@ -199,20 +193,7 @@ def test_run_with_gemini_primary_on_the_emulator_end_to_end(tmp_path, prefect_se
                 "model: gemini-3-pro-image-preview", "model: retired-model"
             )
         )
-        result = _imagebatch(
-            "run",
-            str(EXAMPLE),
-            "--config",
-            "config.yaml",
-            "--output",
-            "out",
-            "--batch-id",
-            "gemini-2",
-            "--quiet",
-            api_url=prefect_server,
-            cwd=tmp_path,
-            env=keys,
-        )
+        result = run_example("gemini-2")
         assert result.returncode == 0, result.stderr[-3000:]
         log = httpx.get(f"{server.url}/_emulator/log").json()["providers"]
     assert log["primary"]["statuses"] == {"200": n, "404": n}

@@ -105,21 +105,34 @@ class ProviderGate:
         self._starts.append(admission)
         return admission
 
-    async def acquire(self) -> Admission:
-        """Wait for an in-flight place, then for the next start; ``release`` it after the call."""
+    async def acquire(self, abandon: Callable[[], bool] = lambda: False) -> Admission | None:
+        """Wait for an in-flight place, then for the next start; ``release`` it after the call.
+
+        ``abandon`` is asked at least every 5 provider seconds while waiting; when it says so
+        (the circuit opened meanwhile) the place is given back at once and None is returned,
+        instead of the request queueing behind the pace it no longer needs.
+        """
         began = self.clock()
         await self._in_flight.acquire()
+        check_every = 5.0 / self.settings.time_scale
         try:
             while True:
                 epoch = self._epoch
                 admission = self.reserve()
-                if admission.started <= self.clock():
-                    break
-                await self.sleep(admission.started - self.clock())
+                while self.clock() < admission.started and epoch == self._epoch:
+                    if abandon():
+                        admission.admitted = False
+                        self._in_flight.release()
+                        return None
+                    await self.sleep(min(admission.started - self.clock(), check_every))
                 if self.clock() >= self.paused_until and epoch == self._epoch:
                     break
                 # a hint or a lesson (429, 503) arrived meanwhile: claim a slot under the new pace
                 admission.admitted = False
+            if abandon():
+                admission.admitted = False
+                self._in_flight.release()
+                return None
         except BaseException:
             self._in_flight.release()
             raise

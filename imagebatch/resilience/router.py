@@ -145,7 +145,10 @@ class Router:
         ]
         if not waits:
             return None
-        return max(min(waits), 0.01)
+        # a provider may be open but not for this prompt (its retry budget, its streak): look
+        # again after a short while rather than spin
+        scale = self.lanes[0].gate.settings.time_scale if self.lanes else 1.0
+        return max(min(waits), 0.5 / scale)
 
     def _check_deadline(self, extra: float = 0.0) -> None:
         if self.deadline is not None and self.clock() + extra > self.deadline:
@@ -162,7 +165,7 @@ class Router:
             if choice is None:
                 if not any(self._usable(lane) for lane in self.lanes):
                     raise self._nothing_left(declined)
-                wait = self._wait_for_any(prompt) or 0.01
+                wait = self._wait_for_any(prompt) or 0.5
                 self._check_deadline(wait)
                 await self.sleep(wait)
                 continue
@@ -205,10 +208,8 @@ class Router:
         price: float,
         call: Callable[[str], Awaitable[T]],
     ) -> T:
-        admission = await lane.gate.acquire()
-        if not lane.circuit.valid(ticket):  # the circuit opened while this request waited
-            admission.admitted = False
-            lane.gate.release()
+        admission = await lane.gate.acquire(abandon=lambda: not lane.circuit.valid(ticket))
+        if admission is None:  # the circuit opened while this request waited: go elsewhere
             self.spend.settle(price, charged=False)
             raise _Rerouted()
         started = self.clock()
