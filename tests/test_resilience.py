@@ -264,6 +264,9 @@ def test_overload_window_fails_over_then_back_with_few_extra_calls():
     assert len(while_open) <= (1500 - opened) / 300 + 1
     calls = len(log)
     assert (calls - 300) / 300 < 0.2  # extra calls per success
+    # prompts that were queued at the slower backup came back to the recovered primary
+    after = [e for e in log if e.t_sim_s > closed]
+    assert sum(e.provider == "primary" for e in after) > 0.6 * len(after)
 
 
 # ---------------------------------------------------------------- circuit breaker

@@ -183,6 +183,10 @@ class ProviderGate:
                 self.ceiling = None
             self.rate = self._target()
 
+    def restore_pace(self) -> None:
+        """The provider recovered (a probe succeeded): back to the target rate."""
+        self.rate = self._target()
+
     def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
         """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""
         now = self.clock()

@@ -136,6 +136,26 @@ class Router:
             return _Choice(lane, ticket, retry=streak > 0)
         return None
 
+    def _better_than(self, prompt: Any, lane: Lane) -> bool:
+        """Whether a provider before ``lane`` in this prompt's order could take it now.
+
+        Prompts queued at a backup's slower gate move back as soon as the primary recovers,
+        instead of draining at the backup's pace.
+        """
+        for other in self.order(prompt):
+            if other is lane:
+                return False
+            if (
+                self._usable(other)
+                and other.circuit.state == "closed"
+                and other.gate.paused_for() <= self.patience_s
+                and other.gate.in_flight < other.gate.settings.max_in_flight
+                and self._streaks[(prompt.id, other.name)] < self.move_prompt_after
+                and other.name not in self._refused.get(prompt.id, ())
+            ):
+                return True
+        return False
+
     def _wait_for_any(self, prompt: Any) -> float | None:
         """Seconds until some usable provider could take this prompt, or None if none ever."""
         waits = [
@@ -208,8 +228,10 @@ class Router:
         price: float,
         call: Callable[[str], Awaitable[T]],
     ) -> T:
-        admission = await lane.gate.acquire(abandon=lambda: not lane.circuit.valid(ticket))
-        if admission is None:  # the circuit opened while this request waited: go elsewhere
+        admission = await lane.gate.acquire(
+            abandon=lambda: not lane.circuit.valid(ticket) or self._better_than(prompt, lane)
+        )
+        if admission is None:  # its circuit opened, or a better provider is free: choose again
             self.spend.settle(price, charged=False)
             raise _Rerouted()
         started = self.clock()
@@ -225,6 +247,8 @@ class Router:
         self.spend.settle(price, charged=True)
         self._record(prompt, lane, admission.waited_s, started, None, ticket.probe)
         lane.circuit.record_success(ticket)
+        if ticket.probe:  # it is back: resume the full pace at once
+            lane.gate.restore_pace()
         lane.gate.on_success()
         lane.retries.refill()
         self._streaks.pop((prompt.id, lane.name), None)
