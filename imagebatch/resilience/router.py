@@ -140,14 +140,15 @@ class Router:
         """Whether a provider before ``lane`` in this prompt's order could take it now.
 
         Prompts queued at a backup's slower gate move back as soon as the primary recovers,
-        instead of draining at the backup's pace.
+        instead of draining at the backup's pace; one of them probes it when a probe is due.
         """
         for other in self.order(prompt):
             if other is lane:
                 return False
             if (
                 self._usable(other)
-                and other.circuit.state == "closed"
+                # closed, or open with its probe due: a queued prompt can be that probe
+                and other.circuit.available_in() == 0
                 and other.gate.paused_for() <= self.patience_s
                 and other.gate.in_flight < other.gate.settings.max_in_flight
                 and self._streaks[(prompt.id, other.name)] < self.move_prompt_after
