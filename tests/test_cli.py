@@ -47,17 +47,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
     n_prompts = len(EXAMPLE.read_text().splitlines())
-    first = _imagebatch(
-        "run",
-        str(EXAMPLE),
-        "--output",
-        "out",
-        "--batch-id",
-        "cli-1",
-        "--quiet",
-        api_url=prefect_server,
-        cwd=tmp_path,
-    )
+    args = ("run", str(EXAMPLE), "--output", "out", "--batch-id", "cli-1", "--quiet")
+    first = _imagebatch(*args, api_url=prefect_server, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"batch cli-1: Completed ({n_prompts} succeeded of {n_prompts} prompts)" in first.stdout
     manifest = tmp_path / "out" / "cli-1" / "manifest.jsonl"
@@ -70,17 +61,7 @@ def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
     # three renditions and a success record each, and the batch's prompts and settings
     assert len(before) == n_prompts * 4 + 2
 
-    second = _imagebatch(
-        "run",
-        str(EXAMPLE),
-        "--output",
-        "out",
-        "--batch-id",
-        "cli-1",
-        "--quiet",
-        api_url=prefect_server,
-        cwd=tmp_path,
-    )
+    second = _imagebatch(*args, api_url=prefect_server, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"succeeded {n_prompts}  blocked 0  failed 0  skipped 0  resumed {n_prompts}" in (
         second.stdout
