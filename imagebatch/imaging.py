@@ -11,10 +11,11 @@ import warnings
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageStat, PngImagePlugin
 
 from imagebatch.config import RenditionConfig
-from imagebatch.errors import BadImage
+from imagebatch.errors import BadImage, ContentRefused
+from imagebatch.models import aspect_value
 
 __all__ = [
     "ALGORITHMIC_SOURCE_TYPE",
@@ -23,6 +24,7 @@ __all__ = [
     "ImageInfo",
     "Rendition",
     "build_xmp",
+    "crop_to_aspect",
     "inspect_image",
     "render_renditions",
 ]
@@ -33,6 +35,10 @@ ALGORITHMIC_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/algori
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _NS = "https://github.com/imagebatch/imagebatch/ns/1.0/"
+#: an image whose grey levels vary less than this (std dev, 0-255) is blank or near-uniform
+UNIFORM_STDDEV = 2.0
+#: an image further off the requested aspect ratio than this is a failed attempt
+ASPECT_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,15 @@ class Rendition:
     sha256: str
 
 
-def inspect_image(data: bytes) -> ImageInfo:
-    """Decode ``data`` fully; raise :class:`BadImage` if it is empty, corrupt or a bomb."""
+def inspect_image(data: bytes, expected_aspect: str | None = None) -> ImageInfo:
+    """Decode ``data`` fully and check what the provider sent.
+
+    Raises:
+        BadImage: empty, not an image, truncated, a decompression bomb, or an aspect ratio more
+            than 2% off ``expected_aspect`` (``W:H`` or ``WxH``): worth another try.
+        ContentRefused: blank or near-uniform, which some providers' safety filters return
+            instead of an error: the provider refused the content.
+    """
     if not data:
         raise BadImage("the provider returned no image bytes")
     try:
@@ -64,11 +77,52 @@ def inspect_image(data: bytes) -> ImageInfo:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                return ImageInfo(width=im.width, height=im.height, format=im.format or "")
+                info = ImageInfo(width=im.width, height=im.height, format=im.format or "")
+                spread = _spread(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"the image is too large to decode safely: {exc}") from None
     except Exception as exc:  # Pillow raises many types for bad data
         raise BadImage(f"the bytes do not decode as an image ({len(data)} bytes): {exc}") from None
+    if spread < UNIFORM_STDDEV:
+        raise ContentRefused(
+            f"the image is blank or near-uniform ({info.width}x{info.height}, grey-level std dev "
+            f"{spread:.1f}): taken as the provider's silent safety filter"
+        )
+    wanted = aspect_value(expected_aspect) if expected_aspect else None
+    if wanted:
+        off = (info.width / info.height) / wanted - 1
+        if abs(off) > ASPECT_TOLERANCE:
+            raise BadImage(
+                f"the image is {info.width}x{info.height}, {abs(off):.0%} off the requested "
+                f"aspect ratio {expected_aspect} (more than {ASPECT_TOLERANCE:.0%})"
+            )
+    return info
+
+
+def _spread(im: Image.Image) -> float:
+    """How much the image varies: std dev of grey levels on a small copy (0 for one colour)."""
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[1] == 0:
+            return 0.0  # fully transparent
+    small = im.convert("L").resize((64, 64), Image.Resampling.BOX)
+    return ImageStat.Stat(small).stddev[0]
+
+
+def crop_to_aspect(image: Image.Image, aspect_ratio: str | None) -> Image.Image:
+    """Centre-crop ``image`` to ``aspect_ratio`` when it is off by more than a pixel's rounding."""
+    wanted = aspect_value(aspect_ratio) if aspect_ratio else None
+    if not wanted:
+        return image
+    w, h = image.size
+    if w / h > wanted:
+        new_w, new_h = max(1, round(h * wanted)), h
+    else:
+        new_w, new_h = w, max(1, round(w / wanted))
+    if abs(new_w - w) <= 1 and abs(new_h - h) <= 1:
+        return image
+    left, top = (w - new_w) // 2, (h - new_h) // 2
+    return image.crop((left, top, left + new_w, top + new_h))
 
 
 def build_xmp(fields: dict[str, str], source_type: str = DIGITAL_SOURCE_TYPE) -> bytes:
@@ -96,12 +150,17 @@ def render_renditions(
     metadata: dict[str, str],
     *,
     source_type: str = DIGITAL_SOURCE_TYPE,
+    aspect_ratio: str | None = None,
 ) -> list[Rendition]:
-    """Encode each configured rendition of ``data`` with the metadata embedded."""
+    """Encode each configured rendition of ``data`` with the metadata embedded.
+
+    With ``aspect_ratio``, an image slightly off it (or one an API could only make in its
+    nearest supported shape) is centre-cropped to it first.
+    """
     xmp = build_xmp(metadata, source_type)
     with Image.open(io.BytesIO(data)) as source:
         source.load()
-        base = source.convert("RGBA" if _has_alpha(source) else "RGB")
+        base = crop_to_aspect(source.convert("RGBA" if _has_alpha(source) else "RGB"), aspect_ratio)
     return [_render(base, spec, xmp, metadata) for spec in renditions]
 
 

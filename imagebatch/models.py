@@ -21,6 +21,7 @@ __all__ = [
     "PromptStatus",
     "StoredObject",
     "aspect_dimensions",
+    "aspect_value",
 ]
 
 #: ids become object names, so they are restricted to a path-safe alphabet
@@ -33,6 +34,18 @@ _SIZE_PX = {"1K": 1024, "2K": 2048, "4K": 4096}
 AspectRatio = Literal["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
 Size = Literal["1K", "2K", "4K"]
 PromptStatus = Literal["succeeded", "blocked", "failed", "skipped"]
+
+
+def aspect_value(spec: str) -> float | None:
+    """Width over height of ``W:H`` or ``WxH`` (None if it is neither)."""
+    for sep in (":", "x"):
+        if sep in spec:
+            try:
+                w, h = (float(v) for v in spec.split(sep, 1))
+            except ValueError:
+                return None
+            return w / h if w > 0 and h > 0 else None
+    return None
 
 
 def aspect_dimensions(aspect_ratio: str, long_side: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from imagebatch.errors import StorageError
 from imagebatch.models import Prompt, PromptRecord
 from imagebatch.storage import Sink
 
@@ -21,6 +22,7 @@ BATCH_NAME = "_batch.json"  # what the batch was run with
 _SUCCESS = "_success.json"
 _FAILURE = "_failure.json"
 _JSON = "application/json"
+_NO_CACHE = "no-cache"  # records and manifests change; consumers must not cache them
 
 
 class RecordStore:
@@ -57,12 +59,12 @@ class RecordStore:
     def write_success(self, record: PromptRecord) -> PromptRecord:
         """Create the success record; if one exists already, keep it and return it."""
         key = self.object_key(record.id, _SUCCESS)
-        if not self.sink.create(key, record.model_dump_json().encode(), content_type=_JSON):
-            existing = self.read_success(record.id)
-            assert existing is not None
-            return existing
+        created = self.sink.create(key, record.model_dump_json().encode(), content_type=_JSON)
+        kept = record if created else self.read_success(record.id)
+        if kept is None:  # pragma: no cover - create said it exists, so it can be read
+            raise StorageError(f"{self.sink.uri(key)} exists but cannot be read")
         self.sink.delete(self.object_key(record.id, _FAILURE))
-        return record
+        return kept
 
     def write_failure(self, record: PromptRecord) -> None:
         """Write or replace the failure record of a prompt that did not succeed."""
@@ -71,6 +73,7 @@ class RecordStore:
             record.model_dump_json().encode(),
             content_type=_JSON,
             metadata={},
+            cache_control=_NO_CACHE,
         )
 
     def write_manifest(self, prompt_ids: Iterable[str], resumed: set[str]) -> list[PromptRecord]:
@@ -89,6 +92,7 @@ class RecordStore:
             body,
             content_type="application/x-ndjson",
             metadata={},
+            cache_control=_NO_CACHE,
         )
         return records
 
@@ -111,7 +115,9 @@ class RecordStore:
         ):
             key = f"{self.batch_id}/{name}"
             if self.sink.read(key) != data:  # a resumed run leaves them as they are
-                self.sink.write(key, data, content_type=content_type, metadata={})
+                self.sink.write(
+                    key, data, content_type=content_type, metadata={}, cache_control=_NO_CACHE
+                )
 
     @property
     def manifest_uri(self) -> str:

@@ -76,7 +76,10 @@ class BatchRuntime:
         provider = self._by_name[name]
         try:
             raw = await provider.generate(prompt)
-            info = await asyncio.to_thread(inspect_image, raw.data)
+            # inside the attempt, so a bad image counts against this provider and can fail over
+            info = await asyncio.to_thread(
+                inspect_image, raw.data, raw.requested_aspect or prompt.aspect_ratio
+            )
         except ProviderError as exc:
             exc.provider = exc.provider or provider.name
             exc.model = exc.model or provider.model
@@ -119,6 +122,7 @@ class BatchRuntime:
             self.config.renditions,
             metadata,
             source_type=ALGORITHMIC_SOURCE_TYPE if offline else DIGITAL_SOURCE_TYPE,
+            aspect_ratio=prompt.aspect_ratio,
         )
 
     async def publish(

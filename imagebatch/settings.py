@@ -23,3 +23,17 @@ class Settings(BaseSettings):
         description="Divide every time constant (pacing windows, backoff, probes) by this; "
         "for the emulator's simulated nights only",
     )
+    storage_retry_initial_s: float = Field(
+        default=1.0, gt=0, description="First wait before retrying a failed storage call"
+    )
+    storage_retry_max_s: float = Field(
+        default=32.0, gt=0, description="Longest wait between storage retries"
+    )
+    storage_retry_deadline_s: float = Field(
+        default=300.0, gt=0, description="Give up on one storage call after this long"
+    )
+    lock_ttl_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A batch lease on GCS not refreshed for this long belongs to a dead run",
+    )

@@ -44,3 +44,33 @@ def write_file(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator:
+    """A real GCS emulator (fake-gcs-server from the test extra) for the whole session."""
+    from tests.gcs import FakeGcsServer
+
+    server = FakeGcsServer(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request) -> str:
+    """A fresh, empty bucket on the emulator, which google-cloud-storage now reaches."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    gcs_server.create_bucket(bucket)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    # fast storage retries for every sink a test or a flow opens
+    monkeypatch.setenv("IMAGEBATCH_STORAGE_RETRY_INITIAL_S", "0.05")
+    monkeypatch.setenv("IMAGEBATCH_STORAGE_RETRY_MAX_S", "0.2")
+    monkeypatch.setenv("IMAGEBATCH_STORAGE_RETRY_DEADLINE_S", "20")
+    return bucket

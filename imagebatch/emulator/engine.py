@@ -48,6 +48,7 @@ class LogEntry:
     fault: str
     status: int | None = None
     latency_s: float = 0.0
+    prompt: str = ""  # the prompt's first 120 characters, to tell requests apart
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Emulator:
                     t_sim_s=round(t_sim, 3),
                     t_wall_s=round(now - self._t0, 4),
                     fault=fault,
+                    prompt=prompt[:120],
                 )
             )
             return Decision(provider, state.count, fault, latency, hint, quota)

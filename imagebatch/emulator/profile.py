@@ -38,6 +38,10 @@ Fault = Literal[
     "safety",  # content refused (style per profile)
     "empty",  # a success answer without an image
     "corrupt",  # image bytes that are not an image
+    "truncated",  # a real image cut off half-way
+    "bomb",  # a tiny PNG that claims to be 30000x30000 (a decompression bomb)
+    "blank",  # an all-black image instead of an error (a silent safety filter)
+    "wrong_aspect",  # a good image in the wrong shape (square when 16:9 was asked, and so on)
     "invalid_base64",  # an image field that is not base64 (JSON wire formats)
     "auth",  # 401/403 (or Gemini's 400 API_KEY_INVALID)
     "not_found",  # 404 model not found or retired

@@ -13,7 +13,9 @@ import io
 import json
 import math
 import random
+import struct
 import uuid
+import zlib
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -21,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from imagebatch.emulator.engine import Decision
 
-__all__ = ["CORRUPT_BYTES", "render", "render_image"]
+__all__ = ["BOMB_BYTES", "CORRUPT_BYTES", "fault_image", "render", "render_image"]
 
 #: a PNG signature followed by junk: "looks like" an image until decoded
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00not really an image\x00" * 8
@@ -50,6 +52,37 @@ def render_image(
     out = io.BytesIO()
     image.save(out, format="JPEG" if fmt in ("jpeg", "jpg") else fmt.upper())
     return out.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+#: a valid PNG header claiming 30000x30000 pixels, with almost no data behind it
+BOMB_BYTES = (
+    b"\x89PNG\r\n\x1a\n"
+    + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+    + _png_chunk(b"IEND", b"")
+)
+
+
+def fault_image(fault: str, prompt: str, width: int, height: int, fmt: str = "png") -> bytes:
+    """The image bytes a success answer carries under ``fault`` (a good picture for "ok")."""
+    if fault == "corrupt":
+        return CORRUPT_BYTES
+    if fault == "bomb":
+        return BOMB_BYTES
+    if fault == "blank":
+        out = io.BytesIO()
+        Image.new("RGB", (width, height)).save(out, format="PNG")
+        return out.getvalue()
+    if fault == "wrong_aspect":
+        # square unless a square was asked for; then 4:3
+        width, height = (max(width, height),) * 2 if width != height else (width, width * 3 // 4)
+    data = render_image(prompt, width, height, fmt)
+    return data[: len(data) // 2] if fault == "truncated" else data
 
 
 def dimensions(aspect: str | None, long_side: int) -> tuple[int, int]:
@@ -232,12 +265,10 @@ def _gemini(
         return JSONResponse({"candidates": [], "usageMetadata": usage})
 
     width, height = dimensions(request.get("aspect_ratio"), image_px)
-    if fault == "corrupt":
-        final = _b64(CORRUPT_BYTES)
-    elif fault == "invalid_base64":
+    if fault == "invalid_base64":
         final = "this is *not* base64!"
     else:
-        final = _b64(render_image(request["prompt"], width, height))
+        final = _b64(fault_image(fault, request["prompt"], width, height))
     parts: list[dict[str, Any]] = [
         {
             "inlineData": {
@@ -282,11 +313,7 @@ def _predict(decision: Decision, request: dict[str, Any], image_px: int) -> Resp
         )
     if decision.fault == "empty":
         return JSONResponse({"predictions": [], "deployedModelId": "1"})
-    data = (
-        CORRUPT_BYTES
-        if decision.fault == "corrupt"
-        else render_image(request["prompt"], width, height)
-    )
+    data = fault_image(decision.fault, request["prompt"], width, height)
     encoded = "this is *not* base64!" if decision.fault == "invalid_base64" else _b64(data)
     return JSONResponse(
         {
@@ -386,9 +413,7 @@ def _openai(decision: Decision, request: dict[str, Any], image_px: int) -> Respo
         return JSONResponse({"created": 0, "data": []}, headers=headers)
     width, height = dimensions(request.get("size"), image_px)
     fmt = request.get("output_format") or "png"
-    data = (
-        CORRUPT_BYTES if fault == "corrupt" else render_image(request["prompt"], width, height, fmt)
-    )
+    data = fault_image(fault, request["prompt"], width, height, fmt)
     encoded = "this is *not* base64!" if fault == "invalid_base64" else _b64(data)
     return JSONResponse(
         {
@@ -459,10 +484,10 @@ def _stability(decision: Decision, request: dict[str, Any], image_px: int) -> Re
     finish = "CONTENT_FILTERED" if fault == "safety" else "SUCCESS"
     if fault == "empty":
         data = b""
-    elif fault == "corrupt":
-        data = CORRUPT_BYTES
+    elif fault == "safety":
+        data = render_image(request["prompt"], width, height, fmt, blur=True)
     else:
-        data = render_image(request["prompt"], width, height, fmt, blur=fault == "safety")
+        data = fault_image(fault, request["prompt"], width, height, fmt)
     seed = str(request.get("seed") or 0)
     if request.get("accept_json"):
         return JSONResponse({"image": _b64(data), "finish_reason": finish, "seed": int(seed)})

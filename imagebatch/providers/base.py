@@ -20,6 +20,9 @@ class RawImage:
     data: bytes
     mime_type: str
     model: str
+    #: the shape the adapter asked for (``W:H`` or ``WxH``) when it differs from the prompt's,
+    #: e.g. the nearest size an API supports; the image is checked against it
+    requested_aspect: str | None = None
 
 
 class ImageProvider(ABC):

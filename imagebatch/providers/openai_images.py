@@ -83,8 +83,9 @@ class OpenAIImagesProvider(ImageProvider):
 
     async def generate(self, prompt: Prompt) -> RawImage:
         client = self._get_client()
+        params = self._params(prompt)
         try:
-            response = await client.images.generate(**self._params(prompt))
+            response = await client.images.generate(**params)
         except Exception as exc:
             raise self._translate(exc) from None
         who = {"provider": self.name, "model": self.model}
@@ -99,7 +100,13 @@ class OpenAIImagesProvider(ImageProvider):
             or self.config.options.get("output_format")
             or "png"
         )
-        return RawImage(data=data, mime_type=f"image/{fmt}", model=self.model)
+        size = params.get("size")
+        return RawImage(
+            data=data,
+            mime_type=f"image/{fmt}",
+            model=self.model,
+            requested_aspect=size if size and "x" in size else None,
+        )
 
     def _translate(self, exc: Exception) -> Exception:
         """The one place where the openai SDK's exceptions become imagebatch errors."""

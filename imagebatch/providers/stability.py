@@ -95,7 +95,12 @@ class StabilityProvider(ImageProvider):
         if not response.content:
             raise BadImage("the response has no image bytes", http_status=200, **who)
         mime = response.headers.get("content-type", f"image/{fmt}").split(";")[0]
-        return RawImage(data=response.content, mime_type=mime, model=self.model)
+        return RawImage(
+            data=response.content,
+            mime_type=mime,
+            model=self.model,
+            requested_aspect=form["aspect_ratio"],
+        )
 
     def _translate(self, response: httpx.Response) -> Exception:
         """The one place where Stability's error answers become imagebatch errors."""

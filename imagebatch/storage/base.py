@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 __all__ = ["Sink"]
@@ -17,7 +17,15 @@ class Sink(ABC):
         """The URI a user or consumer can open for ``key``."""
 
     @abstractmethod
-    def write(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> None:
+    def write(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str],
+        cache_control: str | None = None,
+    ) -> None:
         """Write ``key`` atomically, replacing any earlier object."""
 
     @abstractmethod
@@ -39,6 +47,24 @@ class Sink(ABC):
     @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
         """Keys that start with ``prefix``."""
+
+    @abstractmethod
+    def copy(self, source: str, target: str) -> None:
+        """Copy the object ``source`` to ``target`` (replacing it) inside this sink."""
+
+    @abstractmethod
+    def update(
+        self, key: str, change: Callable[[bytes | None], bytes], *, content_type: str
+    ) -> None:
+        """Replace ``key`` with ``change(current bytes or None)``, atomically.
+
+        Concurrent updates never lose each other's change: ``change`` may be called again on
+        the newer bytes if someone else wrote in between.
+        """
+
+    def console_url(self, key: str) -> str:
+        """A page where a person can look at ``key`` (the URI where there is no console)."""
+        return self.uri(key)
 
     @abstractmethod
     def lock(self, name: str) -> AbstractContextManager[None]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagebatch.errors import BatchLockedError, StorageError
@@ -39,7 +40,15 @@ class LocalSink(Sink):
             os.fsync(fh.fileno())
         return tmp
 
-    def write(self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]) -> None:
+    def write(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str],
+        cache_control: str | None = None,
+    ) -> None:
         path = self._path(key)
         try:
             tmp = self._write_temp(path, data)
@@ -83,6 +92,29 @@ class LocalSink(Sink):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key
+
+    def copy(self, source: str, target: str) -> None:
+        src, dst = self._path(source), self._path(target)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            raise StorageError(f"could not copy {src} to {dst}: {exc.strerror}") from None
+
+    def update(
+        self, key: str, change: Callable[[bytes | None], bytes], *, content_type: str
+    ) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a+") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # writers of this key take turns
+            try:
+                self.write(key, change(self.read(key)), content_type=content_type, metadata={})
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
