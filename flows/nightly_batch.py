@@ -11,17 +11,19 @@ from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
+from blocks.storage import sink_from_gcs_block
 from imagebatch.batch import BatchRun, BatchSummary, default_batch_id, summarize
+from imagebatch.config import BatchConfig
 from imagebatch.errors import ImageBatchError
 from imagebatch.models import Prompt
 from imagebatch.progress import BatchProgress
 from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
-from imagebatch.storage import open_sink
+from imagebatch.storage import Sink, open_sink
 from tasks.generate import generate_image
 from tasks.load import load_config, load_prompts, resolve_provider_blocks
 from tasks.process import process_image
-from tasks.publish import publish_images, record_failure
+from tasks.publish import publish_images, publish_index, record_failure, reuse_published
 from tasks.report import (
     emit_batch_completed,
     event_emitter,
@@ -65,9 +67,9 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
         logger.warning("skipped bad row of %s: %s", loaded.source, rejected)
 
     batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
-    sink = open_sink(run.output or config.output)
+    settings = Settings()
+    sink = await _open_output(run, config, settings)
     with sink.lock(batch_id):
-        settings = Settings()
         runtime = BatchRuntime(
             config,
             sink,
@@ -89,7 +91,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
             loaded.prompts,
             {
                 **run.model_dump(mode="json"),
-                "prompts": str(Path(run.prompts).resolve()),
+                "prompts": _absolute(run.prompts),
                 "config": str(Path(run.config).resolve()) if run.config else None,
                 "batch_id": batch_id,
                 "output": sink.uri(),
@@ -123,6 +125,8 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
 
         ids = [p.id for p in loaded.prompts]
         records = write_manifest(runtime.records, ids, finished)
+        if config.publish.latest_index:
+            publish_index(sink, records)
         summary = summarize(
             batch_id,
             records,
@@ -143,8 +147,23 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     return Completed(message=summary.message, data=summary)
 
 
+async def _open_output(run: BatchRun, config: BatchConfig, settings: Settings) -> Sink:
+    cache_control = config.publish.cache_control
+    if run.gcs_block:
+        return await sink_from_gcs_block(
+            run.gcs_block, settings=settings, cache_control=cache_control
+        )
+    return open_sink(run.output or config.output, settings=settings, cache_control=cache_control)
+
+
+def _absolute(source: str) -> str:
+    return source if "://" in source else str(Path(source).resolve())
+
+
 async def _run_prompt(prompt: Prompt, runtime: BatchRuntime, generate: Task) -> str:
-    """Generate, process and publish one prompt; record why if it does not succeed."""
+    """Reuse, or generate, process and publish one prompt; record why if it does not succeed."""
+    if runtime.reusable(prompt) and await reuse_published(prompt, runtime) is not None:
+        return "reused"
     try:
         image = await generate(prompt, runtime)
         renditions = await process_image(prompt, image, runtime)

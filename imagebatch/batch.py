@@ -24,13 +24,18 @@ class BatchRun(BaseModel):
 
     prompts: str = Field(
         default="examples/prompts.jsonl",
-        description="Prompt file (JSONL, CSV or YAML): a path on the worker",
+        description="Prompt file (JSONL, CSV or YAML): a path on the worker or gs://BUCKET/FILE",
     )
     config: str | None = Field(
         default=None, description="Config YAML path; empty for the embedded offline default"
     )
     output: str | None = Field(
-        default=None, description="Output directory; empty for the config's `output`"
+        default=None,
+        description="Output directory or gs://BUCKET/PREFIX; empty for the config's `output`",
+    )
+    gcs_block: str | None = Field(
+        default=None,
+        description="Name of a saved GcsBucket block to publish to (instead of `output`)",
     )
     batch_id: str | None = Field(
         default=None,
@@ -65,6 +70,7 @@ class BatchSummary(BaseModel):
     failed: int = 0
     skipped: int = 0
     resumed: int = 0
+    reused: int = 0
     rejected_rows: int = 0
     cost_usd: float = 0.0
     manifest_uri: str
@@ -99,6 +105,9 @@ def summarize(
     parts += [f"{counts[s]} {s}" for s in ("blocked", "failed", "skipped") if counts[s]]
     if resumed:
         parts.append(f"{len(resumed)} resumed")
+    reused = sum(1 for r in records if r.reused_from and r.id not in resumed)
+    if reused:
+        parts.append(f"{reused} reused")
     message = f"{', '.join(parts)} of {total} prompts"
     if outcome == "failed":
         message += f" (over the failure threshold of {failure_threshold:.0%})"
@@ -110,6 +119,7 @@ def summarize(
         failed=counts["failed"],
         skipped=counts["skipped"],
         resumed=len(resumed),
+        reused=reused,
         rejected_rows=rejected_rows,
         cost_usd=round(sum(r.cost_usd for r in records if r.id not in resumed), 6),
         manifest_uri=manifest_uri,

@@ -37,9 +37,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Run one batch now. Exit status: 0 completed or partially succeeded, "
         "1 failed, 2 bad input (prompt file, config, output).",
     )
-    run.add_argument("prompts", metavar="PROMPTS", help="prompt file: .jsonl, .csv or .yaml")
+    run.add_argument(
+        "prompts", metavar="PROMPTS", help="prompt file: .jsonl, .csv or .yaml (path or gs://)"
+    )
     run.add_argument("--config", metavar="FILE", help="config YAML (default: embedded, offline)")
-    run.add_argument("--output", metavar="DIR_OR_URI", help="output location (default: config)")
+    run.add_argument(
+        "--output",
+        metavar="DIR_OR_URI",
+        help="a directory or gs://BUCKET/PREFIX (default: the config's output)",
+    )
+    run.add_argument(
+        "--gcs-block", metavar="NAME", help="publish to this saved GcsBucket block instead"
+    )
     run.add_argument(
         "--batch-id", metavar="ID", help="resume this batch (default: <prompt file name>-<date>)"
     )
@@ -57,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "(failed and skipped; with --include-blocked also those a provider refused). Exit "
         "status as for run.",
     )
-    rerun.add_argument("manifest", metavar="MANIFEST", help="the batch's manifest.jsonl")
+    rerun.add_argument(
+        "manifest", metavar="MANIFEST", help="the batch's manifest.jsonl (path or gs://)"
+    )
     rerun.add_argument("--include-blocked", action="store_true", help="retry refused prompts too")
     rerun.add_argument("--config", metavar="FILE", help="another config (default: the batch's)")
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -93,6 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             prompts=args.prompts,
             config=args.config,
             output=args.output,
+            gcs_block=args.gcs_block,
             batch_id=args.batch_id,
             skip_bad_rows=args.skip_bad_rows,
             max_in_flight=args.max_in_flight,
@@ -106,25 +118,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from imagebatch.batch import BatchRun
+    from imagebatch.errors import StorageError
     from imagebatch.records import BATCH_NAME, PROMPTS_NAME
+    from imagebatch.storage import open_sink
 
-    manifest = Path(args.manifest.removeprefix("file://"))
-    settings = manifest.parent / BATCH_NAME
-    if not manifest.is_file() or not settings.is_file():
-        what = "manifest" if not manifest.is_file() else f"batch settings {settings.name}"
+    uri = args.manifest.removeprefix("file://")
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    parts = uri.rsplit("/", 2)
+    saved = None
+    if len(parts) == 3 and parts[2] == "manifest.jsonl":
+        root, batch = parts[0] or "/", parts[1]
+        try:
+            data = open_sink(root).read(f"{batch}/{BATCH_NAME}")
+            saved = json.loads(data) if data else None
+        except (StorageError, ValueError) as exc:
+            print(f"error: {args.manifest}: {exc}", file=sys.stderr)
+            return EXIT_INPUT
+    if not saved:
         print(
-            f"error: {args.manifest}: no {what} there; give a batch's manifest.jsonl",
+            f"error: {args.manifest}: no batch settings ({BATCH_NAME}) beside it; give the "
+            "manifest.jsonl of a batch",
             file=sys.stderr,
         )
         return EXIT_INPUT
-    saved = json.loads(settings.read_text("utf-8"))
     params = BatchRun(
-        prompts=str(manifest.parent / PROMPTS_NAME),
+        prompts=f"{root.rstrip('/')}/{batch}/{PROMPTS_NAME}",
         config=args.config or saved.get("config"),
-        output=str(manifest.parent.parent),
+        output=root,
+        gcs_block=saved.get("gcs_block"),
         batch_id=saved["batch_id"],
         max_in_flight=saved.get("max_in_flight"),
         retry_blocked=args.include_blocked,

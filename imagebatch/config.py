@@ -147,6 +147,25 @@ class RenditionConfig(_Strict):
     quality: int = Field(default=85, ge=1, le=100)
 
 
+class PublishConfig(_Strict):
+    """How published objects are stored and reused."""
+
+    cache_control: str = Field(
+        default="public, max-age=86400",
+        max_length=200,
+        description="Cache-Control of published images (records and indexes get no-cache)",
+    )
+    reuse: Literal["seeded", "always", "never"] = Field(
+        default="seeded",
+        description="Reuse an image an earlier batch published for the same prompt, parameters, "
+        "seed, model and renditions instead of paying again: for prompts with an explicit seed "
+        "(seeded), for every prompt (always), or never",
+    )
+    latest_index: bool = Field(
+        default=True, description="Keep latest.json: prompt id -> its newest published images"
+    )
+
+
 class BatchConfig(_Strict):
     """Everything a batch needs besides its prompts and secrets."""
 
@@ -159,6 +178,7 @@ class BatchConfig(_Strict):
     )
     renditions: list[RenditionConfig] = Field(min_length=1)
     output: str = "./output"
+    publish: PublishConfig = PublishConfig()
     max_in_flight: int = Field(default=8, ge=1, le=1000)
     failure_threshold: float = Field(
         default=0.1, ge=0, le=1, description="Share of failed+skipped prompts still 'partial'"

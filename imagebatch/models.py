@@ -140,5 +140,8 @@ class PromptRecord(BaseModel):
     objects: list[StoredObject] = Field(default_factory=list)
     error: str | None = None
     resumed: bool = False
+    reused_from: str | None = Field(
+        default=None, description="The success record whose images this prompt reused"
+    )
     batch_id: str
     finished_at: datetime

@@ -57,6 +57,6 @@ class BatchProgress:
             listener(self)
 
     def describe(self) -> str:
-        order = ("succeeded", "resumed", "blocked", "failed", "skipped")
+        order = ("succeeded", "reused", "resumed", "blocked", "failed", "skipped")
         parts = [f"{s} {self.counts[s]}" for s in order if self.counts[s]]
         return f"{self.done}/{self.total} done" + (f" ({', '.join(parts)})" if parts else "")

@@ -53,22 +53,33 @@ def load_prompts(source: str | Path, *, skip_bad_rows: bool = False) -> PromptLo
     """Read and validate a prompt file; raise :class:`PromptFileError` on the first bad row."""
     name = str(source)
     if name.startswith("gs://"):
-        raise PromptFileError(
-            "reading prompts from gs:// is not supported yet; copy the file locally",
-            source=name,
-        )
-    path = Path(source)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise PromptFileError(f"the prompt file {what}", source=name)
+        data = _read_gs(name)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise PromptFileError(f"the prompt file {what}", source=name)
+        data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PromptFileError(
             f"not UTF-8 text (bad byte at offset {exc.start}); save the file as UTF-8",
             source=name,
         ) from None
     return parse_prompts(text, source=name, skip_bad_rows=skip_bad_rows)
+
+
+def _read_gs(uri: str) -> bytes:
+    from imagebatch.errors import StorageError
+    from imagebatch.settings import Settings
+    from imagebatch.storage import storage_kwargs
+    from imagebatch.storage.gcs import read_gs_uri
+
+    try:
+        return read_gs_uri(uri, retry=storage_kwargs(Settings())["retry"])
+    except StorageError as exc:
+        raise PromptFileError(f"cannot read the prompt file: {exc}", source=uri) from None
 
 
 def parse_prompts(text: str, *, source: str, skip_bad_rows: bool = False) -> PromptLoad:

@@ -7,18 +7,31 @@ replaced when a later run settles the prompt, and removed once the prompt succee
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
+from imagebatch.config import RenditionConfig
 from imagebatch.errors import StorageError
 from imagebatch.models import Prompt, PromptRecord
 from imagebatch.storage import Sink
 
-__all__ = ["BATCH_NAME", "MANIFEST_NAME", "PROMPTS_NAME", "RecordStore"]
+__all__ = [
+    "BATCH_NAME",
+    "LATEST_NAME",
+    "MANIFEST_NAME",
+    "PROMPTS_NAME",
+    "RecordStore",
+    "reuse_key",
+    "update_latest",
+]
 
 MANIFEST_NAME = "manifest.jsonl"
 PROMPTS_NAME = "_prompts.jsonl"  # the batch's validated prompts, for reruns
 BATCH_NAME = "_batch.json"  # what the batch was run with
+LATEST_NAME = "latest.json"  # prompt id -> its newest published renditions, for consumers
+_REUSE = "_reuse"  # content key -> the success record that published it
 _SUCCESS = "_success.json"
 _FAILURE = "_failure.json"
 _JSON = "application/json"
@@ -122,3 +135,126 @@ class RecordStore:
     @property
     def manifest_uri(self) -> str:
         return self.sink.uri(f"{self.batch_id}/{MANIFEST_NAME}")
+
+    # ---------------------------------------------------------------- reuse across nights
+
+    def find_reusable(self, keys: Iterable[str]) -> PromptRecord | None:
+        """The success record an earlier batch published under one of ``keys`` (first found).
+
+        A pointer whose record or images are gone is ignored: the prompt is generated anew.
+        """
+        for key in keys:
+            data = self.sink.read(f"{_REUSE}/{key}.json")
+            if data is None:
+                continue
+            try:
+                pointer = json.loads(data)
+                source = RecordStore(self.sink, pointer["batch_id"])
+                record = source.read_success(pointer["prompt_id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged pointer only costs a new image
+            if record is None or record.batch_id == self.batch_id or not record.objects:
+                continue
+            if all(self.sink.exists(source._key_of(record, o.uri)) for o in record.objects):
+                return record
+        return None
+
+    def _key_of(self, record: PromptRecord, uri: str) -> str:
+        return self.object_key(record.id, uri.rsplit("/", 1)[-1])
+
+    def reuse(self, prompt_id: str, source: PromptRecord) -> PromptRecord:
+        """Copy ``source``'s images into this batch and record the prompt as done, at no cost."""
+        origin = RecordStore(self.sink, source.batch_id)
+        objects = []
+        for obj in source.objects:
+            name = obj.uri.rsplit("/", 1)[-1]
+            target = self.object_key(prompt_id, name)
+            self.sink.copy(origin.object_key(source.id, name), target)
+            objects.append(obj.model_copy(update={"uri": self.sink.uri(target)}))
+        record = PromptRecord(
+            id=prompt_id,
+            status="succeeded",
+            provider=source.provider,
+            model=source.model,
+            objects=objects,
+            batch_id=self.batch_id,
+            finished_at=datetime.now(UTC),
+            reused_from=origin.sink.uri(origin.object_key(source.id, _SUCCESS)),
+        )
+        return self.write_success(record)
+
+    def remember(self, key: str, record: PromptRecord) -> None:
+        """Point ``key`` at ``record`` so a later batch can reuse its images."""
+        pointer = {"batch_id": record.batch_id, "prompt_id": record.id}
+        self.sink.write(
+            f"{_REUSE}/{key}.json",
+            json.dumps(pointer).encode(),
+            content_type=_JSON,
+            metadata={},
+            cache_control=_NO_CACHE,
+        )
+
+
+def reuse_key(prompt: Prompt, model: str, renditions: Iterable[RenditionConfig]) -> str:
+    """What makes two images interchangeable: the prompt, its parameters and seed, the model
+    and the renditions made of it (and the prompt id, which the images carry as metadata)."""
+    content = {
+        "id": prompt.id,
+        "prompt": prompt.prompt,
+        "negative_prompt": prompt.negative_prompt,
+        "aspect_ratio": prompt.aspect_ratio,
+        "size": prompt.size,
+        "seed": prompt.seed,
+        "model": model,
+        "renditions": [r.model_dump(mode="json") for r in renditions],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def update_latest(sink: Sink, records: Iterable[PromptRecord]) -> int:
+    """Merge the succeeded ``records`` into ``latest.json`` (newest wins); how many it names.
+
+    The index is replaced in one atomic write; concurrent batches merge, never overwrite.
+    """
+    fresh = {
+        r.id: {
+            "batch_id": r.batch_id,
+            "finished_at": r.finished_at.isoformat(),
+            "provider": r.provider,
+            "model": r.model,
+            "renditions": {
+                o.rendition: o.model_dump(mode="json", exclude={"rendition"}) for o in r.objects
+            },
+        }
+        for r in records
+        if r.status == "succeeded" and r.objects
+    }
+    size = 0
+
+    def merge(old: bytes | None) -> bytes:
+        nonlocal size
+        try:
+            prompts = dict(json.loads(old)["prompts"]) if old else {}
+        except (ValueError, KeyError, TypeError):
+            raise StorageError(
+                f"{sink.uri(LATEST_NAME)} is not an imagebatch index; move it aside and rerun "
+                "the batch (its prompts are kept) to write a new one"
+            ) from None
+        for prompt_id, entry in fresh.items():
+            current = prompts.get(prompt_id)
+            if current is None or datetime.fromisoformat(
+                current["finished_at"]
+            ) <= datetime.fromisoformat(entry["finished_at"]):
+                prompts[prompt_id] = entry
+        size = len(prompts)
+        if old and prompts == json.loads(old)["prompts"]:
+            return old  # nothing new: leave the index (and its timestamp) as it is
+        index = {
+            "version": 1,
+            "updated_at": datetime.now(UTC).isoformat(),
+            "prompts": dict(sorted(prompts.items())),
+        }
+        return json.dumps(index, indent=1).encode()
+
+    sink.update(LATEST_NAME, merge, content_type=_JSON)
+    return size

@@ -22,7 +22,7 @@ from imagebatch.imaging import (
 )
 from imagebatch.models import Attempt, GeneratedImage, Prompt, PromptRecord, StoredObject
 from imagebatch.providers import ImageProvider, build_provider
-from imagebatch.records import RecordStore
+from imagebatch.records import RecordStore, reuse_key
 from imagebatch.resilience import AttemptInfo, FileUsageStore, UsageStore, build_router
 from imagebatch.resilience.router import Emit
 from imagebatch.settings import Settings
@@ -139,6 +139,7 @@ class BatchRuntime:
                 r.data,
                 content_type=r.content_type,
                 metadata={**meta, "sha256": r.sha256},
+                cache_control=self.config.publish.cache_control,
             )
             objects.append(
                 StoredObject(
@@ -162,7 +163,36 @@ class BatchRuntime:
             batch_id=self.batch_id,
             finished_at=datetime.now(UTC),
         )
-        return await asyncio.to_thread(self.records.write_success, record)
+        kept = await asyncio.to_thread(self.records.write_success, record)
+        await asyncio.to_thread(self._remember, prompt, kept)
+        return kept
+
+    def reusable(self, prompt: Prompt) -> bool:
+        """Whether the config lets ``prompt`` reuse an image an earlier batch published."""
+        mode = self.config.publish.reuse
+        return mode == "always" or (mode == "seeded" and prompt.seed is not None)
+
+    def _reuse_keys(self, prompt: Prompt) -> list[str]:
+        # the prompt's preferred provider's model first, then the chain's, each once
+        names = [prompt.provider] if prompt.provider in self._by_name else []
+        names += [p.name for p in self.providers]
+        models = dict.fromkeys(self._by_name[n].model for n in names)
+        return [reuse_key(prompt, model, self.config.renditions) for model in models]
+
+    async def reuse(self, prompt: Prompt) -> PromptRecord | None:
+        """Publish an earlier batch's images for ``prompt`` if it made the very same ones."""
+        if not self.reusable(prompt):
+            return None
+        source = await asyncio.to_thread(self.records.find_reusable, self._reuse_keys(prompt))
+        if source is None:
+            return None
+        record = await asyncio.to_thread(self.records.reuse, prompt.id, source)
+        await asyncio.to_thread(self._remember, prompt, record)
+        return record
+
+    def _remember(self, prompt: Prompt, record: PromptRecord) -> None:
+        if self.reusable(prompt) and record.model and record.batch_id == self.batch_id:
+            self.records.remember(reuse_key(prompt, record.model, self.config.renditions), record)
 
     async def record_failure(self, prompt: Prompt, error: BaseException) -> PromptRecord:
         """Write (or replace) the failure record of a prompt that ended without images."""

@@ -7,7 +7,9 @@ from prefect.cache_policies import NO_CACHE
 
 from imagebatch.imaging import Rendition
 from imagebatch.models import GeneratedImage, Prompt, PromptRecord
+from imagebatch.records import update_latest
 from imagebatch.runtime import BatchRuntime
+from imagebatch.storage import Sink
 
 
 @task(
@@ -25,6 +27,32 @@ async def publish_images(
         The success record (an existing one is kept as it is).
     """
     return await runtime.publish(prompt, image, renditions)
+
+
+@task(
+    name="reuse_published",
+    task_run_name="reuse-{prompt.id}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+async def reuse_published(prompt: Prompt, runtime: BatchRuntime) -> PromptRecord | None:
+    """Publish the images an earlier batch made for the same prompt, seed, model and renditions.
+
+    Returns:
+        The new success record (its ``reused_from`` names the source), or None when nothing
+        published before matches: then the prompt is generated.
+    """
+    return await runtime.reuse(prompt)
+
+
+@task(name="publish_index", cache_policy=NO_CACHE, persist_result=False)
+def publish_index(sink: Sink, records: list[PromptRecord]) -> int:
+    """Merge this batch's succeeded prompts into ``latest.json`` at the output root.
+
+    Returns:
+        How many prompts the index names.
+    """
+    return update_latest(sink, records)
 
 
 @task(

@@ -17,8 +17,11 @@ SCRIPTS: dict[str, Callable[[Prompt, int], bytes]] = {}
 
 
 def png(size: tuple[int, int] = (64, 64)) -> bytes:
+    """A small picture (a blue fade, never uniform: a uniform image counts as refused)."""
+    fade = Image.linear_gradient("L").resize(size)
+    image = Image.composite(Image.new("RGB", size, (10, 120, 200)), Image.new("RGB", size), fade)
     out = io.BytesIO()
-    Image.new("RGB", size, (10, 120, 200)).save(out, format="PNG")
+    image.save(out, format="PNG")
     return out.getvalue()
 
 

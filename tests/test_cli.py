@@ -59,7 +59,11 @@ def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
         assert {o["rendition"] for o in record["objects"]} == {"original", "web", "thumb"}
     before = _snapshot(tmp_path / "out")
     # three renditions and a success record each, and the batch's prompts and settings
-    assert len(before) == n_prompts * 4 + 2
+    assert len([k for k in before if k.startswith("cli-1/")]) == n_prompts * 4 + 2
+    latest = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert sorted(latest["prompts"]) == sorted(r["id"] for r in records)
+    seeded = [line for line in EXAMPLE.read_text().splitlines() if '"seed"' in line]
+    assert len([k for k in before if k.startswith("_reuse/")]) == len(seeded) > 0
 
     second = _imagebatch(*args, api_url=prefect_server, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -264,4 +268,4 @@ def test_rerun_runs_only_what_did_not_succeed_and_blocked_only_on_request(tmp_pa
 
 def test_rerun_names_a_missing_manifest(tmp_path, prefect_server):
     result = _imagebatch("rerun", "nope/manifest.jsonl", api_url=prefect_server, cwd=tmp_path)
-    assert result.returncode == 2 and "no manifest there" in result.stderr
+    assert result.returncode == 2 and "no batch settings (_batch.json) beside it" in result.stderr

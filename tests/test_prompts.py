@@ -154,9 +154,21 @@ def test_skip_bad_rows_still_fails_when_nothing_is_left(write_file):
         load_prompts(write_file("bad.jsonl", "nope\nnope\n"), skip_bad_rows=True)
 
 
-def test_gs_sources_are_refused_clearly_until_supported():
-    with pytest.raises(PromptFileError, match=r"gs://b/p\.jsonl: reading prompts from gs://"):
-        load_prompts("gs://b/p.jsonl")
+def test_prompt_file_read_from_gcs(gcs_bucket):
+    from imagebatch.storage.gcs import GcsSink
+
+    sink = GcsSink(gcs_bucket)
+    sink.write("in/night.jsonl", GOOD_JSONL.encode(), content_type="text/plain", metadata={})
+    sink.write("in/bad.csv", b"id,prompt\na,one\nb,\n", content_type="text/csv", metadata={})
+
+    loaded = load_prompts(f"gs://{gcs_bucket}/in/night.jsonl")
+    assert [p.prompt for p in loaded.prompts] == ["a red mug", "a blue mug"]
+    with pytest.raises(PromptFileError, match=rf"gs://{gcs_bucket}/in/bad.csv, line 3, field"):
+        load_prompts(f"gs://{gcs_bucket}/in/bad.csv")
+    with pytest.raises(
+        PromptFileError, match=rf"gs://{gcs_bucket}/in/nope.jsonl: .*no such object"
+    ):
+        load_prompts(f"gs://{gcs_bucket}/in/nope.jsonl")
 
 
 def test_example_prompt_file_is_valid():

@@ -59,7 +59,7 @@ class Sink(ABC):
         """Replace ``key`` with ``change(current bytes or None)``, atomically.
 
         Concurrent updates never lose each other's change: ``change`` may be called again on
-        the newer bytes if someone else wrote in between.
+        the newer bytes if someone else wrote in between. Unchanged bytes are not written.
         """
 
     def console_url(self, key: str) -> str:

@@ -269,10 +269,13 @@ class GcsSink(Sink):
 
         for _ in range(_CAS_ATTEMPTS):
             data, generation = self._read(key)
+            new = change(data)
+            if new == data:
+                return
             try:
                 self._upload(
                     key,
-                    change(data),
+                    new,
                     content_type=content_type,
                     cache_control="no-cache",
                     if_generation_match=generation,

@@ -112,7 +112,10 @@ class LocalSink(Sink):
         with open(path.with_name(f".{path.name}.lock"), "a+") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # writers of this key take turns
             try:
-                self.write(key, change(self.read(key)), content_type=content_type, metadata={})
+                old = self.read(key)
+                new = change(old)
+                if new != old:
+                    self.write(key, new, content_type=content_type, metadata={})
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
 
