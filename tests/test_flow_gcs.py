@@ -1,4 +1,4 @@
-"""The nightly flow publishing to Google Cloud Storage: a real GCS emulator, a real Prefect server."""
+"""The nightly flow publishing to GCS: a real GCS emulator and a real Prefect server."""
 
 from __future__ import annotations
 
@@ -72,7 +72,10 @@ def test_batch_publishes_images_with_metadata_and_create_only_records(
     state = _run(prompts=prompts, output=sink.uri(), batch_id="gcs-1")
     assert state.is_completed() and state.name == "Completed"
     records = _manifest(sink, "gcs-1")
-    assert [(r["id"], r["status"]) for r in records] == [("mug", "succeeded"), ("lamp", "succeeded")]
+    assert [(r["id"], r["status"]) for r in records] == [
+        ("mug", "succeeded"),
+        ("lamp", "succeeded"),
+    ]
     for record in records:
         assert {o["rendition"] for o in record["objects"]} == {"original", "web", "thumb"}
         for obj in record["objects"]:
@@ -159,8 +162,8 @@ def test_seeded_prompts_reuse_what_an_earlier_night_published(
             for obj, old in zip(reused["objects"], first[prompt_id]["objects"], strict=True):
                 assert obj["uri"].startswith(sink.uri() + "/n2/")  # a copy: n1 may be deleted
                 assert obj["sha256"] == old["sha256"]
-                assert hashlib.sha256(sink.read(_key(sink, obj["uri"]))).hexdigest() == (
-                    obj["sha256"]
+                assert (
+                    hashlib.sha256(sink.read(_key(sink, obj["uri"]))).hexdigest() == (obj["sha256"])
                 )
         assert second["vase"]["reused_from"] is None
 
