@@ -62,6 +62,11 @@ def test_missing_credentials_say_what_to_do(monkeypatch, tmp_path):
         GcsSink("some-bucket").read("k")
 
 
+def _take(sink: GcsSink) -> None:
+    with sink.lock("b1"):
+        pass
+
+
 def _hold(bucket: str, ttl: float) -> subprocess.Popen:
     """Another process that takes the batch lease and waits for a line on stdin."""
     code = (
@@ -83,8 +88,7 @@ def test_the_lease_keeps_a_second_run_out_until_released(gcs_bucket):
     sink = GcsSink(gcs_bucket, "out", retry=FAST)
     try:
         with pytest.raises(BatchLockedError, match="another run is working on batch 'b1'"):
-            with sink.lock("b1"):
-                pass
+            _take(sink)
     finally:
         holder.communicate("go\n", timeout=30)
     assert not sink.exists("b1/.lock")  # released on a clean exit
@@ -108,8 +112,7 @@ def test_a_lease_from_another_machine_expires_after_its_ttl(gcs_bucket):
     fresh = {**other, "heartbeat_at": time.time() - 30}
     sink.write("b1/.lock", json.dumps(fresh).encode(), content_type="application/json", metadata={})
     with pytest.raises(BatchLockedError, match="refreshed less than 60 s ago"):
-        with sink.lock("b1"):
-            pass
+        _take(sink)
     stale = {**other, "heartbeat_at": time.time() - 61}
     sink.write("b1/.lock", json.dumps(stale).encode(), content_type="application/json", metadata={})
     with sink.lock("b1"):
@@ -126,5 +129,4 @@ def test_the_lease_is_refreshed_while_held(gcs_bucket):
             generations.add(sink.bucket.get_blob(sink._name("b1/.lock")).generation)
         # a second run still sees a live lease
         with pytest.raises(BatchLockedError):
-            with GcsSink(gcs_bucket, "out", retry=FAST, lock_ttl_s=0.4).lock("b1"):
-                pass
+            _take(GcsSink(gcs_bucket, "out", retry=FAST, lock_ttl_s=0.4))
