@@ -14,7 +14,7 @@ from prefect.states import Completed, Failed, State
 from blocks.storage import sink_from_gcs_block
 from imagebatch.batch import BatchRun, BatchSummary, default_batch_id, summarize
 from imagebatch.config import BatchConfig
-from imagebatch.errors import ImageBatchError
+from imagebatch.errors import ImageBatchError, StorageError
 from imagebatch.models import Prompt
 from imagebatch.progress import BatchProgress
 from imagebatch.runtime import BatchRuntime
@@ -162,8 +162,12 @@ def _absolute(source: str) -> str:
 
 async def _run_prompt(prompt: Prompt, runtime: BatchRuntime, generate: Task) -> str:
     """Reuse, or generate, process and publish one prompt; record why if it does not succeed."""
-    if runtime.reusable(prompt) and await reuse_published(prompt, runtime) is not None:
-        return "reused"
+    if runtime.reusable(prompt):
+        try:
+            if await reuse_published(prompt, runtime) is not None:
+                return "reused"
+        except StorageError as exc:  # reuse only saves money: generate instead
+            get_run_logger().warning("could not reuse earlier images of %s: %s", prompt.id, exc)
     try:
         image = await generate(prompt, runtime)
         renditions = await process_image(prompt, image, runtime)

@@ -81,6 +81,10 @@ class FakeGcsServer:
                 self.process.kill()
 
 
+#: what ``fail`` returns to drop the connection without an answer (a reset)
+RESET = -1
+
+
 @dataclass
 class Seen:
     method: str
@@ -93,8 +97,9 @@ class FaultProxy:
     """A loopback HTTP proxy in front of the emulator that fails the requests ``fail`` picks.
 
     ``fail(method, path, n)`` gets each request (``n`` counts from 1) and returns a status to
-    answer instead of forwarding, or None. Resumable-upload ``Location`` headers are rewritten
-    so the chunks come through the proxy too. Every request is kept in ``seen``.
+    answer instead of forwarding, :data:`RESET` to drop the connection, or None.
+    Resumable-upload ``Location`` headers are rewritten so the chunks come through the proxy
+    too. Every request is kept in ``seen``.
     """
 
     upstream: str
@@ -121,6 +126,10 @@ class FaultProxy:
                     n = len(proxy.seen) + 1
                     status = proxy.fail(self.command, self.path, n)
                     proxy.seen.append(Seen(self.command, self.path, status or 0))
+                if status == RESET:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)  # no answer at all
+                    return
                 if status is not None:
                     payload = (
                         b'{"error": {"code": %d, "message": "injected by the test proxy"}}' % status

@@ -13,7 +13,7 @@ import pytest
 from imagebatch.batch import BatchRun
 from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
 from imagebatch.storage.gcs import GcsSink, storage_retry
-from tests.gcs import FaultProxy
+from tests.gcs import RESET, FaultProxy
 
 pytestmark = pytest.mark.flow
 
@@ -184,6 +184,8 @@ def test_transient_storage_errors_are_retried_and_the_batch_completes(
             return 503
         if method == "GET" and "/download/" in path and n % 7 == 0:
             return 429
+        if n % 11 == 0:
+            return RESET
         return None
 
     proxy = FaultProxy(gcs_server.url, fail)
@@ -198,6 +200,7 @@ def test_transient_storage_errors_are_retried_and_the_batch_completes(
     assert state.is_completed() and state.name == "Completed"
     uploads = proxy.statuses("POST", "/upload/")
     assert uploads.count(503) >= 5 and uploads.count(200) >= 6 * 4
+    assert RESET in [s.status for s in proxy.seen]
     direct = GcsSink(gcs_bucket, "out")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
     records = _manifest(direct, "flaky")
