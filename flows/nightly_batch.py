@@ -34,6 +34,7 @@ from tasks.report import (
     start_progress,
     update_progress,
     write_manifest,
+    write_summary,
 )
 
 
@@ -135,6 +136,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
             failure_threshold=config.failure_threshold,
             manifest_uri=runtime.records.manifest_uri,
         )
+        write_summary(runtime.records, summary)
         await update_progress(artifact_id, progress, final=True)
         await publish_report(summary, records)
 

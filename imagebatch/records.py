@@ -22,12 +22,14 @@ __all__ = [
     "LATEST_NAME",
     "MANIFEST_NAME",
     "PROMPTS_NAME",
+    "SUMMARY_NAME",
     "RecordStore",
     "reuse_key",
     "update_latest",
 ]
 
 MANIFEST_NAME = "manifest.jsonl"
+SUMMARY_NAME = "summary.json"  # the batch's totals, rebuilt from the records
 PROMPTS_NAME = "_prompts.jsonl"  # the batch's validated prompts, for reruns
 BATCH_NAME = "_batch.json"  # what the batch was run with
 LATEST_NAME = "latest.json"  # prompt id -> its newest published renditions, for consumers
@@ -131,6 +133,16 @@ class RecordStore:
                 self.sink.write(
                     key, data, content_type=content_type, metadata={}, cache_control=_NO_CACHE
                 )
+
+    def write_summary(self, summary: dict) -> None:
+        """Replace ``summary.json``: the batch's totals, rebuilt from its records each run."""
+        self.sink.write(
+            f"{self.batch_id}/{SUMMARY_NAME}",
+            json.dumps(summary, indent=2).encode(),
+            content_type=_JSON,
+            metadata={},
+            cache_control=_NO_CACHE,
+        )
 
     @property
     def manifest_uri(self) -> str:

@@ -93,6 +93,12 @@ def write_manifest(
     return records.write_manifest(prompt_ids, resumed)
 
 
+@task(name="write_summary", cache_policy=NO_CACHE, persist_result=False)
+def write_summary(records: RecordStore, summary: BatchSummary) -> None:
+    """Replace ``summary.json`` beside the manifest with the batch's totals."""
+    records.write_summary(summary.model_dump(mode="json"))
+
+
 @task(name="publish_report", cache_policy=NO_CACHE)
 async def publish_report(summary: BatchSummary, records: list[PromptRecord]) -> None:
     """Create the end-of-batch artifacts: a table per provider and a markdown report."""

@@ -41,7 +41,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
         for p in root.rglob("*")
-        if p.is_file() and p.name != "manifest.jsonl" and not p.name.startswith(".")
+        if p.is_file()
+        and p.name not in ("manifest.jsonl", "summary.json")  # rebuilt every run
+        and not p.name.startswith(".")
     }
 
 

@@ -100,6 +100,8 @@ def test_batch_publishes_images_with_metadata_and_create_only_records(
     again = _run(prompts=prompts, output=sink.uri(), batch_id="gcs-1")
     assert again.is_completed()
     assert again.result().resumed == 2
+    summary = json.loads(sink.read("gcs-1/summary.json"))
+    assert (summary["succeeded"], summary["resumed"], summary["outcome"]) == (2, 2, "completed")
     assert sink.bucket.get_blob(sink._name(key)).generation == generation
     assert json.loads(sink.read(key))["id"] == "mug"
 
