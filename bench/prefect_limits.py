@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -74,18 +75,14 @@ def main() -> None:
                     )
                     for _ in range(workers)
                 ]
-                starts = sorted(
-                    t for p in procs for t in json.loads(p.communicate(timeout=600)[0])
-                )
+                starts = sorted(t for p in procs for t in json.loads(p.communicate(timeout=600)[0]))
                 # the first call of each process only measures its import time: skip the warm-up
                 starts = starts[workers:]
                 span = starts[-1] - starts[0]
                 achieved = (len(starts) - 1) / span if span else float("inf")
                 window = 1 / rate
-                burst = max(
-                    sum(1 for t in starts if s <= t < s + window) for s in starts
-                )
-                gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+                burst = max(sum(1 for t in starts if s <= t < s + window) for s in starts)
+                gaps = [b - a for a, b in itertools.pairwise(starts)]
                 print(
                     f"| {rate:g} | {workers} | {len(starts)} | {achieved:.2f} "
                     f"| {achieved / rate:.0%} | {burst} | {statistics.median(gaps):.2f} "

@@ -21,6 +21,7 @@ from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink, open_sink
 from tasks.generate import generate_image
+from tasks.limits import PrefectUsageStore, check_shared_limits
 from tasks.load import load_config, load_prompts, resolve_provider_blocks
 from tasks.process import process_image
 from tasks.publish import publish_images, publish_index, record_failure, reuse_published
@@ -70,6 +71,10 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
     settings = Settings()
     sink = await _open_output(run, config, settings)
+    shared, store = None, None
+    if config.shared_limits:  # every worker on this server shares each provider's limits
+        shared = await check_shared_limits(config, settings.time_scale, run.config or "")
+        store = PrefectUsageStore()
     with sink.lock(batch_id):
         runtime = BatchRuntime(
             config,
@@ -77,6 +82,8 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
             batch_id,
             env={**os.environ, **secrets},
             settings=settings,
+            store=store,
+            shared=shared,
             emit=event_emitter(batch_id, logger),
         )
         generate = generate_image.with_options(

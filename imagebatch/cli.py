@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
     rerun.set_defaults(handler=_cmd_rerun)
 
+    limits = sub.add_parser(
+        "limits",
+        help="Prefect global concurrency limits shared by every worker (shared_limits: true)",
+        description="Create or update, on the Prefect server of PREFECT_API_URL, the global "
+        "concurrency limits that make every worker share each provider's in-flight cap, rate "
+        "and daily allowance. Run it again after changing a provider's limits.",
+    )
+    limits_sub = limits.add_subparsers(dest="action", required=True)
+    sync = limits_sub.add_parser("sync", help="create or update the limits of a config")
+    sync.add_argument("--config", metavar="FILE", help="config YAML (default: embedded)")
+    sync.set_defaults(handler=_cmd_limits_sync)
+
     emu = sub.add_parser(
         "emulator",
         help="serve the provider emulator (every wire format, with faults)",
@@ -179,6 +191,38 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     summary: BatchSummary = result
     _print_summary(summary, state.name or "")
     return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _cmd_limits_sync(args: argparse.Namespace) -> int:
+    from imagebatch.config import load_config
+    from imagebatch.errors import InputError
+    from imagebatch.settings import Settings
+
+    try:
+        config = load_config(args.config)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            print(
+                "error: no Prefect server: shared limits live on the server your workers use; "
+                "set PREFECT_API_URL (or a Prefect profile) and run this again",
+                file=sys.stderr,
+            )
+            return EXIT_INPUT
+    from tasks.limits import sync_limits
+
+    done = asyncio.run(sync_limits(config, Settings().time_scale))
+    for spec, what in done:
+        decay = f", {spec.slot_decay_per_second}/s decay" if spec.slot_decay_per_second else ""
+        print(f"{what:9}  {spec.name}  ({spec.kind}: limit {spec.limit}{decay})")
+    if not done:
+        print("the config has no provider limits to share")
+    return EXIT_OK
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:

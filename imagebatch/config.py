@@ -180,6 +180,11 @@ class BatchConfig(_Strict):
     output: str = "./output"
     publish: PublishConfig = PublishConfig()
     max_in_flight: int = Field(default=8, ge=1, le=1000)
+    shared_limits: bool = Field(
+        default=False,
+        description="Share each provider's rate, in-flight cap and daily allowance with every "
+        "worker process on the same Prefect server (run `imagebatch limits sync` first)",
+    )
     failure_threshold: float = Field(
         default=0.1, ge=0, le=1, description="Share of failed+skipped prompts still 'partial'"
     )

@@ -23,7 +23,13 @@ from imagebatch.imaging import (
 from imagebatch.models import Attempt, GeneratedImage, Prompt, PromptRecord, StoredObject
 from imagebatch.providers import ImageProvider, build_provider
 from imagebatch.records import RecordStore, reuse_key
-from imagebatch.resilience import AttemptInfo, FileUsageStore, UsageStore, build_router
+from imagebatch.resilience import (
+    AttemptInfo,
+    FileUsageStore,
+    SharedLimits,
+    UsageStore,
+    build_router,
+)
 from imagebatch.resilience.router import Emit
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink
@@ -43,6 +49,7 @@ class BatchRuntime:
         env: Mapping[str, str],
         settings: Settings | None = None,
         store: UsageStore | None = None,
+        shared: SharedLimits | None = None,
         emit: Emit = lambda event, provider, payload: None,
     ):
         self.config = config
@@ -55,13 +62,15 @@ class BatchRuntime:
         ]
         self._by_name = {p.name: p for p in self.providers}
         self.attempts: dict[str, list[Attempt]] = defaultdict(list)
+        self._store = store or FileUsageStore(self.settings.state_dir)
         self.router = build_router(
             config,
             {p.name: p.price for p in self.providers},
-            store=store or FileUsageStore(self.settings.state_dir),
+            store=self._store,
             time_scale=self.settings.time_scale,
             emit=emit,
             on_attempt=self._on_attempt,
+            shared=shared,
         )
 
     async def generate(self, prompt: Prompt) -> GeneratedImage:
@@ -213,6 +222,10 @@ class BatchRuntime:
     async def aclose(self) -> None:
         for provider in self.providers:
             await provider.aclose()
+        await self.router.shared.aclose()
+        close = getattr(self._store, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
 
 def is_retryable(error: BaseException) -> bool:

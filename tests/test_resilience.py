@@ -466,3 +466,36 @@ def test_refused_content_may_try_other_providers_when_configured():
     )
     result, calls = _attempt(router, sim, Prompt(id="a", prompt="x"), refuse)
     assert result == "backup" and calls == ["primary", "backup"]
+
+
+def test_shared_limits_are_held_around_the_call_after_the_local_gate():
+    """The process's own gate admits first (precise pace); the cross-process slot is held only
+    for the call itself, and the time spent waiting for it counts as the attempt's wait."""
+    import contextlib
+
+    trace: list[str] = []
+
+    class Shared:
+        @contextlib.asynccontextmanager
+        async def slot(self, provider):
+            lane = next(x for x in router.lanes if x.name == provider)
+            trace.append(f"enter {provider} (gate in flight {lane.gate.in_flight})")
+            await sim.sleep(2.0)  # other workers hold the shared slots for a while
+            yield
+            trace.append(f"exit {provider}")
+
+        async def aclose(self):
+            pass
+
+    router, sim, _ = _router(CHAIN, shared=Shared())
+    infos = []
+    router.on_attempt = lambda prompt, info: infos.append(info)
+
+    def script(name, n):
+        trace.append(f"call {name}")
+        return name
+
+    result, _ = _attempt(router, sim, Prompt(id="a", prompt="x"), script)
+    assert result == "primary"
+    assert trace == ["enter primary (gate in flight 1)", "call primary", "exit primary"]
+    assert infos[0].waited_s == pytest.approx(2.0, abs=0.01)

@@ -19,6 +19,13 @@ from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance, FileUsageStore, MemoryUsageStore, UsageStore
 from imagebatch.resilience.gate import Admission, GateSettings, ProviderGate
 from imagebatch.resilience.router import AttemptInfo, Emit, Lane, Router
+from imagebatch.resilience.shared import (
+    LimitSpec,
+    NoSharedLimits,
+    SharedLimits,
+    limit_prefix,
+    shared_limit_specs,
+)
 
 __all__ = [
     "Admission",
@@ -28,14 +35,19 @@ __all__ = [
     "FileUsageStore",
     "GateSettings",
     "Lane",
+    "LimitSpec",
     "MemoryUsageStore",
+    "NoSharedLimits",
     "ProviderGate",
     "RetryBudget",
     "Router",
+    "SharedLimits",
     "SpendCap",
     "Ticket",
     "UsageStore",
     "build_router",
+    "limit_prefix",
+    "shared_limit_specs",
     "usage_key",
 ]
 
@@ -53,6 +65,7 @@ def build_router(
     time_scale: float = 1.0,
     emit: Emit = lambda event, provider, payload: None,
     on_attempt: Callable[[Any, AttemptInfo], None] = lambda prompt, info: None,
+    shared: SharedLimits | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -111,4 +124,5 @@ def build_router(
         sleep=sleep,
         emit=emit,
         on_attempt=on_attempt,
+        shared=shared or NoSharedLimits(),
     )

@@ -130,6 +130,11 @@ class DailyAllowance:
         )
         return max(0.0, (next_day - local).total_seconds())
 
+    @property
+    def remote(self) -> bool:
+        """Whether counting a request asks another machine (so it belongs off the event loop)."""
+        return bool(getattr(self.store, "remote", False))
+
     def available(self) -> bool:
         day = self.day()
         if self._exhausted_day == day:

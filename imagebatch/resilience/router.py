@@ -37,6 +37,7 @@ from imagebatch.resilience.budget import RetryBudget, SpendCap
 from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance
 from imagebatch.resilience.gate import ProviderGate
+from imagebatch.resilience.shared import NoSharedLimits, SharedLimits
 
 __all__ = ["AttemptInfo", "Lane", "Router"]
 
@@ -96,6 +97,7 @@ class Router:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     emit: Emit = lambda event, provider, payload: None
     on_attempt: Callable[[Any, AttemptInfo], None] = lambda prompt, info: None
+    shared: SharedLimits = field(default_factory=NoSharedLimits)
     _streaks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     _active: str | None = None
     _refused: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -198,7 +200,9 @@ class Router:
                     f"sending this prompt (${price:.3f} on {lane.name}) would exceed the budget "
                     f"of ${self.spend.cap:.2f} (spent ${self.spend.spent:.2f})"
                 )
-            if not lane.daily.try_consume():
+            # a shared allowance asks a server: off the event loop
+            consume = lane.daily.try_consume
+            if not (await asyncio.to_thread(consume) if lane.daily.remote else consume()):
                 self.spend.settle(price, charged=False)
                 lane.circuit.cancel(ticket)
                 self.emit("imagebatch.quota.exhausted", lane.name, {"reason": "daily allowance"})
@@ -237,16 +241,23 @@ class Router:
             raise _Rerouted()
         started = self.clock()
         try:
-            result = await call(lane.name)
+            # other processes on the same account: their shared in-flight cap and pace
+            async with self.shared.slot(lane.name):
+                waited = admission.waited_s + (self.clock() - started)
+                started = self.clock()
+                result = await call(lane.name)
         except ProviderError as exc:
             self.spend.settle(price, charged=False)
-            self._record(prompt, lane, admission.waited_s, started, exc, ticket.probe)
+            self._record(prompt, lane, waited, started, exc, ticket.probe)
             self._learn(prompt, lane, ticket, admission, exc)
+            raise
+        except BaseException:
+            self.spend.settle(price, charged=False)
             raise
         finally:
             lane.gate.release()
         self.spend.settle(price, charged=True)
-        self._record(prompt, lane, admission.waited_s, started, None, ticket.probe)
+        self._record(prompt, lane, waited, started, None, ticket.probe)
         lane.circuit.record_success(ticket)
         if ticket.probe:  # it is back: resume the full pace at once
             lane.gate.restore_pace()

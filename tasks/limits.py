@@ -1,0 +1,275 @@
+"""Provider limits shared across worker processes, as Prefect global concurrency limits.
+
+``imagebatch limits sync --config FILE`` creates (or updates) per provider:
+
+- ``imagebatch-<provider>-in-flight``: ``max_in_flight`` slots, held for the length of one call
+  (a lease, so a crashed worker's slot comes back);
+- ``imagebatch-<provider>-rpm``: a token bucket that never lets all workers together start more
+  calls in a minute than the quota (see :func:`imagebatch.resilience.shared_limit_specs`);
+- the daily allowance as one limit per provider day, ``imagebatch-<provider>-rpd-<day>``, with
+  ``rpd`` slots that are taken and never given back (created on the day's first request).
+
+Every use is strict: a batch whose limits were not synced fails before it sends a request,
+naming the command that fixes it. Retries never hold a slot: a call holds its slots
+only while it runs, and Prefect's retry wait happens outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from prefect import get_client, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectNotFound
+
+from imagebatch.config import BatchConfig
+from imagebatch.errors import ConfigError
+from imagebatch.resilience import LimitSpec, shared_limit_specs
+
+__all__ = [
+    "PrefectSharedLimits",
+    "PrefectUsageStore",
+    "check_shared_limits",
+    "sync_limits",
+]
+
+
+class PrefectSharedLimits:
+    """The shared in-flight cap (a leased slot), then the shared pace (a token), around one call.
+
+    One client for the run, and one request per process and provider asking the server at a
+    time: Prefect lengthens every refused request's suggested wait by the number of refusals, so
+    a crowd of waiters from one process would only slow each other down. Tokens and slots are
+    polled on our own schedule (see :func:`_take_token`).
+    """
+
+    def __init__(self, specs: list[LimitSpec], *, lease_s: float = 3600.0, poll_s: float = 0.2):
+        self._in_flight = {s.provider: s for s in specs if s.kind == "in-flight"}
+        self._rate = {s.provider: s for s in specs if s.kind == "rate"}
+        self._queues: dict[str, asyncio.Lock] = {}
+        self._lease_s = lease_s  # a crashed worker's slot comes back after this long
+        self._poll_s = poll_s
+        self._client = None
+
+    async def _get_client(self):
+        if self._client is None:
+            client = get_client()
+            await client.__aenter__()
+            self._client = client
+        return self._client
+
+    @contextlib.asynccontextmanager
+    async def slot(self, provider: str) -> AsyncIterator[None]:
+        spec = self._in_flight.get(provider)
+        if spec is None:
+            yield
+            return
+        client = await self._get_client()
+        async with self._queues.setdefault(provider, asyncio.Lock()):
+            lease = await _poll(
+                spec,
+                lambda: client.increment_concurrency_slots_with_lease(
+                    [spec.name], slots=1, mode="concurrency", lease_duration=self._lease_s
+                ),
+                self._poll_s,
+            )
+            try:
+                if provider in self._rate:
+                    rate = self._rate[provider]
+                    await _poll(
+                        rate,
+                        lambda: client.increment_concurrency_slots(
+                            [rate.name], slots=1, mode="rate_limit"
+                        ),
+                        0.5 / (rate.slot_decay_per_second or 1.0),
+                    )
+            except BaseException:
+                await client.release_concurrency_slots_with_lease(lease["lease_id"])
+                raise
+        try:
+            yield
+        finally:
+            await client.release_concurrency_slots_with_lease(lease["lease_id"])
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.__aexit__(None, None, None)
+
+
+async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
+    """Ask until the server grants it; refusals (423) are asked again after ``pause``.
+
+    Prefect's own ``rate_limit`` and ``concurrency`` sleep for the server's randomised
+    ``Retry-After``, which grows with every refusal: measured, ``rate_limit`` delivers 60-74% of
+    the nominal rate (bench/RESULTS.md). The bucket and the slots are kept by the server either
+    way, so asking on our own schedule keeps the same guarantee and loses far less.
+    """
+    from httpx import HTTPStatusError
+
+    while True:
+        try:
+            response = await ask()
+        except HTTPStatusError as exc:
+            if exc.response.status_code != 423:
+                raise
+            await asyncio.sleep(pause)
+            continue
+        body = response.json()
+        limits = body.get("limits", []) if isinstance(body, dict) else body
+        if not limits:  # strict: the limit was deleted since the batch started
+            raise ConfigError(
+                f"the global concurrency limit {spec.name!r} is gone: run "
+                "`imagebatch limits sync` again",
+                source="shared_limits",
+            )
+        return body if isinstance(body, dict) else {}
+
+
+class PrefectUsageStore:
+    """Daily usage per provider, counted by the Prefect server for every worker.
+
+    One global concurrency limit per provider day with ``rpd`` slots: a request takes a slot
+    and never gives it back. The router calls it synchronously, once per request.
+    """
+
+    remote = True  # the router counts requests from a worker thread
+
+    def __init__(self, *, fresh_s: float = 5.0) -> None:
+        self._known: set[str] = set()
+        self._client = None
+        self._lock = threading.Lock()
+        # the router asks "any left today?" often: answer from what we last saw, for a while
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._fresh_s = fresh_s
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is None:
+                client = get_client(sync_client=True)
+                client.__enter__()
+                self._client = client
+            return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.__exit__(None, None, None)
+
+    @staticmethod
+    def _name(key: str, day: str) -> str:
+        return f"imagebatch-{key}-rpd-{day}"
+
+    def _ensure(self, client, name: str, limit: int) -> None:
+        if name in self._known:
+            return
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(Exception):  # another worker created it in between
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                )
+        self._known.add(name)
+
+    def try_add(self, key: str, day: str, limit: int) -> bool:
+        from httpx import HTTPStatusError
+
+        name = self._name(key, day)
+        client = self._get_client()
+        self._ensure(client, name, limit)
+        try:
+            client.increment_concurrency_slots([name], slots=1, mode="concurrency")
+        except HTTPStatusError as exc:
+            if exc.response.status_code == 423:  # every slot of the day is taken
+                self._seen[name] = (limit, time.monotonic())
+                return False
+            raise
+        used, _ = self._seen.get(name, (0, 0.0))
+        self._seen[name] = (used + 1, time.monotonic())
+        return True
+
+    def used(self, key: str, day: str) -> int:
+        name = self._name(key, day)
+        used, at = self._seen.get(name, (0, -1e9))
+        if time.monotonic() - at < self._fresh_s:
+            return used
+        try:
+            used = self._get_client().read_global_concurrency_limit_by_name(name).active_slots
+        except ObjectNotFound:
+            used = 0
+        self._seen[name] = (used, time.monotonic())
+        return used
+
+    def exhaust(self, key: str, day: str, limit: int) -> None:
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        name = self._name(key, day)
+        client = self._get_client()
+        self._ensure(client, name, limit)
+        client.update_global_concurrency_limit(
+            name, GlobalConcurrencyLimitUpdate(active_slots=limit)
+        )
+        self._seen[name] = (limit, time.monotonic())
+
+
+async def sync_limits(config: BatchConfig, time_scale: float = 1.0) -> list[tuple[LimitSpec, str]]:
+    """Create or update the shared limits of ``config``; what was done to each."""
+    done = []
+    async with get_client() as client:
+        for spec in shared_limit_specs(config, time_scale):
+            try:
+                current = await client.read_global_concurrency_limit_by_name(spec.name)
+            except ObjectNotFound:
+                current = None
+            same = current is not None and (
+                current.limit == spec.limit
+                and current.slot_decay_per_second == (spec.slot_decay_per_second or 0.0)
+                and current.active
+            )
+            if not same:
+                await client.upsert_global_concurrency_limit_by_name(
+                    spec.name, spec.limit, spec.slot_decay_per_second
+                )
+            done.append((spec, "unchanged" if same else "updated" if current else "created"))
+    return done
+
+
+@task(name="check_shared_limits", cache_policy=NO_CACHE, persist_result=False)
+async def check_shared_limits(
+    config: BatchConfig, time_scale: float = 1.0, source: str = "config"
+) -> PrefectSharedLimits:
+    """Fail before any request if the config's shared limits are missing or out of date.
+
+    Returns:
+        The shared limits to hold around each call.
+    """
+    specs = shared_limit_specs(config, time_scale)
+    fix = "run `imagebatch limits sync" + (f" --config {source}`" if source else "`")
+    async with get_client() as client:
+        for spec in specs:
+            try:
+                current = await client.read_global_concurrency_limit_by_name(spec.name)
+            except ObjectNotFound:
+                raise ConfigError(
+                    f"shared_limits is on, but the Prefect server has no global concurrency "
+                    f"limit {spec.name!r}: {fix} against this server first",
+                    source=source,
+                    key="shared_limits",
+                ) from None
+            if current.limit != spec.limit or current.slot_decay_per_second != (
+                spec.slot_decay_per_second or 0.0
+            ):
+                raise ConfigError(
+                    f"the global concurrency limit {spec.name!r} (limit {current.limit}, decay "
+                    f"{current.slot_decay_per_second}/s) does not match the config (limit "
+                    f"{spec.limit}, decay {spec.slot_decay_per_second or 0.0}/s): {fix}",
+                    source=source,
+                    key="shared_limits",
+                )
+    return PrefectSharedLimits(specs)

@@ -1,0 +1,206 @@
+"""Provider limits shared by several worker processes through Prefect global concurrency limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from imagebatch.config import parse_config
+from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+from imagebatch.resilience import shared_limit_specs
+
+CONFIG = """
+providers:
+  - name: primary
+    kind: gemini
+    model: gemini-3-pro-image-preview
+    base_url: {url}/p/primary
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: {rpm}, rpd: {rpd}, max_in_flight: {in_flight}}}
+    timeout_s: 30
+renditions: [{{name: original, format: png}}]
+shared_limits: true
+max_in_flight: 8
+failure_threshold: 1
+"""
+
+
+def _greedy_starts(burst: int, refill_per_s: float, seconds: float) -> list[float]:
+    """Start times of a client that takes every token the bucket has, as soon as it has one."""
+    tokens, t, starts, step = float(burst), 0.0, [], 0.01
+    while t < seconds:
+        while tokens >= 1:
+            tokens -= 1
+            starts.append(t)
+        t += step
+        tokens = min(burst, tokens + refill_per_s * step)
+    return starts
+
+
+@pytest.mark.parametrize("rpm", [1, 3, 10, 60, 600])
+def test_the_shared_rate_never_admits_more_than_the_quota_in_any_minute(rpm):
+    config = parse_config(
+        f"providers: [{{name: p, kind: local, model: m, limits: {{rpm: {rpm}}}}}]\n"
+        "renditions: [{name: o, format: png}]\n",
+        source="t",
+    )
+    (in_flight, rate) = shared_limit_specs(config)
+    assert in_flight.kind == "in-flight" and rate.kind == "rate"
+    starts = _greedy_starts(rate.limit, rate.slot_decay_per_second, 600)
+    most = max(sum(1 for t in starts if s <= t < s + 60) for s in starts)
+    assert most <= rpm  # even a client that empties the bucket every time
+    # and over ten minutes it gets most of the quota less the 5% margin
+    assert len(starts) >= 10 * rpm * 0.95 * (0.8 if rpm >= 10 else 0.45)
+
+
+def test_time_scale_speeds_the_refill_and_providers_without_rates_share_in_flight_only():
+    text = (
+        "providers:\n"
+        "  - {name: a, kind: local, model: m, limits: {rpm: 10, max_in_flight: 3}}\n"
+        "  - {name: b, kind: local, model: m2}\n"
+        "renditions: [{name: o, format: png}]\n"
+    )
+    specs = shared_limit_specs(parse_config(text, source="t"), time_scale=10)
+    assert [(s.name, s.kind, s.limit) for s in specs] == [
+        ("imagebatch-a-local-m-in-flight", "in-flight", 3),
+        ("imagebatch-a-local-m-rpm", "rate", 2),
+        ("imagebatch-b-local-m2-in-flight", "in-flight", 4),
+    ]
+    assert specs[1].slot_decay_per_second == pytest.approx((9.5 - 2) / 60 * 10)
+
+
+def _run_flow(config_path, prompts_path, out, batch_id):
+    from flows.nightly_batch import nightly_batch
+    from imagebatch.batch import BatchRun
+
+    params = BatchRun(
+        prompts=str(prompts_path), config=str(config_path), output=str(out), batch_id=batch_id
+    )
+    return asyncio.run(nightly_batch(run=params, return_state=True))
+
+
+@pytest.mark.flow
+def test_missing_shared_limits_fail_the_batch_before_any_request(
+    tmp_path, prefect_server, monkeypatch
+):
+    from imagebatch.config import load_config
+    from tasks.limits import sync_limits
+
+    monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
+    with EmulatorServer(EmulatorProfile(providers={"primary": ProviderProfile()})) as server:
+        config = tmp_path / "c.yaml"
+        # a model of its own, so no other test has synced these limits
+        config.write_text(
+            CONFIG.format(url=server.url, rpm=600, rpd=1000, in_flight=2).replace(
+                "gemini-3-pro-image-preview", "unsynced-model"
+            )
+        )
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text('{"id": "a", "prompt": "a mug"}\n')
+        state = _run_flow(config, prompts, tmp_path / "out", "unsynced")
+        assert state.is_failed()
+        message = str(state.result(raise_on_failure=False))
+        assert (
+            "no global concurrency limit 'imagebatch-primary-gemini-unsynced-model-in-flight'"
+            in (message)
+        )
+        assert f"run `imagebatch limits sync --config {config}`" in message
+        assert httpx.get(f"{server.url}/_emulator/log").json()["requests"] == []
+
+        done = asyncio.run(sync_limits(load_config(config)))
+        assert [what for _, what in done] == ["created", "created"]
+        assert [what for _, what in asyncio.run(sync_limits(load_config(config)))] == [
+            "unchanged",
+            "unchanged",
+        ]
+        assert _run_flow(config, prompts, tmp_path / "out", "unsynced").is_completed()
+        assert len(httpx.get(f"{server.url}/_emulator/log").json()["requests"]) == 1
+
+
+def _max_overlap(entries: list[dict]) -> int:
+    events = []
+    for e in entries:
+        events += [(e["t_wall_s"], 1), (e["t_wall_s"] + e["latency_s"], -1)]
+    most = now = 0
+    for _, delta in sorted(events, key=lambda x: (x[0], x[1])):
+        now += delta
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.flow
+def test_two_workers_together_stay_within_the_shared_rpm_rpd_and_in_flight(
+    tmp_path, prefect_server
+):
+    rpm, rpd, in_flight, scale, per_worker = 30, 20, 2, 10, 15
+    profile = EmulatorProfile(
+        time_scale=scale,
+        providers={"primary": ProviderProfile(rpm=rpm, rpd=rpd, latency_median_s=4.0)},
+    )
+    with EmulatorServer(profile) as server:
+        config = tmp_path / "c.yaml"
+        config.write_text(CONFIG.format(url=server.url, rpm=rpm, rpd=rpd, in_flight=in_flight))
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_server,
+            "EMULATOR_KEY": "emulator-key",
+            "IMAGEBATCH_TIME_SCALE": str(scale),
+            "IMAGEBATCH_STATE_DIR": str(tmp_path / "state"),  # not shared: the server counts
+        }
+        cli = [sys.executable, "-m", "imagebatch.cli"]
+        sync = subprocess.run(
+            [*cli, "limits", "sync", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sync.returncode == 0, sync.stderr
+        assert "imagebatch-primary-gemini-gemini-3-pro-image-preview-rpm" in sync.stdout
+
+        workers = []
+        for w in range(2):
+            prompts = tmp_path / f"w{w}.jsonl"
+            prompts.write_text(
+                "".join(
+                    json.dumps({"id": f"w{w}-{i:02d}", "prompt": f"worker {w} prompt {i}"}) + "\n"
+                    for i in range(per_worker)
+                )
+            )
+            args = ["run", str(prompts), "--config", str(config), "--output", str(tmp_path / "o")]
+            workers.append(
+                subprocess.Popen(
+                    [*cli, *args, "--batch-id", f"worker-{w}", "--quiet"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outputs = [w.communicate(timeout=600) for w in workers]
+        log = httpx.get(f"{server.url}/_emulator/log").json()
+
+    for worker, (_out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode in (0, 1), err[-3000:]  # 1: the day's quota ran out
+    entries = log["requests"]
+    statuses = log["providers"]["primary"]["statuses"]
+    # both workers sent work, the day's allowance was used exactly, and never exceeded
+    assert {e["prompt"].split()[1] for e in entries} == {"0", "1"}
+    assert statuses == {"200": rpd}
+    # no minute (6 wall seconds at this scale) holds more starts than the quota
+    starts = sorted(e["t_sim_s"] for e in entries)
+    assert max(sum(1 for t in starts if s <= t < s + 60) for s in starts) <= rpm
+    assert _max_overlap(entries) <= in_flight
+    skipped = sum(
+        1
+        for w in range(2)
+        for line in (tmp_path / "o" / f"worker-{w}" / "manifest.jsonl").read_text().splitlines()
+        if json.loads(line)["status"] == "skipped"
+    )
+    assert skipped == 2 * per_worker - rpd
