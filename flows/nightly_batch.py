@@ -23,6 +23,7 @@ from imagebatch.storage import Sink, open_sink
 from tasks.generate import generate_image
 from tasks.limits import PrefectUsageStore, check_shared_limits
 from tasks.load import load_config, load_prompts, resolve_provider_blocks
+from tasks.plan import plan_batch
 from tasks.process import process_image
 from tasks.publish import publish_images, publish_index, record_failure, reuse_published
 from tasks.report import (
@@ -68,6 +69,13 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     for rejected in loaded.rejected:
         logger.warning("skipped bad row of %s: %s", loaded.source, rejected)
 
+    if run.dry_run:
+        plan = await plan_batch(loaded.prompts, config)
+        logger.info("plan:\n%s", plan.describe())
+        if plan.feasible:
+            return Completed(message=plan.describe().splitlines()[0], name="Planned")
+        return Failed(message="; ".join(plan.warnings), name="Plan does not fit")
+
     batch_id = run.batch_id or default_batch_id(run.prompts, _run_day().date())
     settings = Settings()
     sink = await _open_output(run, config, settings)
@@ -86,6 +94,8 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
             shared=shared,
             emit=event_emitter(batch_id, logger),
         )
+        for note in runtime.health_notes:
+            logger.info("recorded provider health: %s", note)
         generate = generate_image.with_options(
             retries=config.retry.max_attempts - 1,
             retry_delay_seconds=config.retry.delays(settings.time_scale),

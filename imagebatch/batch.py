@@ -51,6 +51,10 @@ class BatchRun(BaseModel):
     retry_blocked: bool = Field(
         default=True, description="Also try again prompts a provider refused in an earlier run"
     )
+    dry_run: bool = Field(
+        default=False,
+        description="Only estimate the time and cost (the plan artifact); generate nothing",
+    )
 
 
 def default_batch_id(source: str, day: date) -> str:

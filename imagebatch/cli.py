@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
     rerun.set_defaults(handler=_cmd_rerun)
 
+    plan = sub.add_parser(
+        "plan",
+        help="estimate a batch's time and cost before paying for it",
+        description="Estimate, from the configured quotas, latency and prices, how long a batch "
+        "will take and what it will cost. Exit status: 0 it fits, 1 it would miss its deadline, "
+        "budget or daily quotas (the warnings say which), 2 bad input.",
+    )
+    plan.add_argument("prompts", metavar="PROMPTS", help="prompt file (path or gs://)")
+    plan.add_argument("--config", metavar="FILE", help="config YAML (default: embedded, offline)")
+    plan.set_defaults(handler=_cmd_plan)
+
     limits = sub.add_parser(
         "limits",
         help="Prefect global concurrency limits shared by every worker (shared_limits: true)",
@@ -191,6 +202,23 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     summary: BatchSummary = result
     _print_summary(summary, state.name or "")
     return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from imagebatch.config import load_config
+    from imagebatch.errors import InputError
+    from imagebatch.plan import plan_batch
+    from imagebatch.prompts import load_prompts
+
+    try:
+        config = load_config(args.config)
+        prompts = load_prompts(args.prompts).prompts
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    plan = plan_batch(prompts, config)
+    print(plan.describe())
+    return EXIT_OK if plan.feasible else EXIT_FAILED
 
 
 def _cmd_limits_sync(args: argparse.Namespace) -> int:

@@ -39,12 +39,18 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    """A provider's quota as the provider publishes it (none of these is enforced yet)."""
+    """A provider's quota as the provider publishes it; the gate paces every request to it."""
 
     rpm: float | None = Field(default=None, gt=0, description="Requests per minute")
     rpd: int | None = Field(default=None, ge=0, description="Requests per day")
     ipm: float | None = Field(default=None, gt=0, description="Images per minute")
     max_in_flight: int = Field(default=4, ge=1, le=1000, description="Concurrent calls at most")
+    latency_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="A call's typical latency, for `imagebatch plan` (default 60 s; local 1 s)",
+    )
     rpd_reset: str = Field(
         default="00:00",
         pattern=r"^([01]\d|2[0-3]):[0-5]\d$",

@@ -25,7 +25,9 @@ from imagebatch.providers import ImageProvider, build_provider
 from imagebatch.records import RecordStore, reuse_key
 from imagebatch.resilience import (
     AttemptInfo,
+    FileHealthStore,
     FileUsageStore,
+    HealthStore,
     SharedLimits,
     UsageStore,
     build_router,
@@ -50,6 +52,7 @@ class BatchRuntime:
         settings: Settings | None = None,
         store: UsageStore | None = None,
         shared: SharedLimits | None = None,
+        health: HealthStore | None = None,
         emit: Emit = lambda event, provider, payload: None,
     ):
         self.config = config
@@ -72,6 +75,14 @@ class BatchRuntime:
             on_attempt=self._on_attempt,
             shared=shared,
         )
+        # start from what the last run learned about each provider
+        self._health = health or FileHealthStore(self.settings.state_dir)
+        recorded = {}
+        for lane in self.router.lanes:
+            saved = self._health.read(lane.key)
+            if saved is not None:
+                recorded[lane.name] = saved
+        self.health_notes = self.router.start_from(recorded, datetime.now(UTC))
 
     async def generate(self, prompt: Prompt) -> GeneratedImage:
         """One attempt: the router's best provider now, its gate, one call, a decodable image.
@@ -223,6 +234,9 @@ class BatchRuntime:
         for provider in self.providers:
             await provider.aclose()
         await self.router.shared.aclose()
+        keys = {lane.name: lane.key for lane in self.router.lanes}
+        for name, health in self.router.health(datetime.now(UTC)).items():
+            await asyncio.to_thread(self._health.write, keys[name], health)
         close = getattr(self._store, "close", None)
         if close is not None:
             await asyncio.to_thread(close)

@@ -34,6 +34,12 @@ def prefect_server() -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path: Path, monkeypatch) -> None:
+    """Daily usage and provider health of one test never reach another."""
+    monkeypatch.setenv("IMAGEBATCH_STATE_DIR", str(tmp_path / "imagebatch-state"))
+
+
 @pytest.fixture
 def write_file(tmp_path: Path):
     """Write ``text`` to ``tmp_path / name`` and return the path."""

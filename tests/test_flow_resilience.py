@@ -175,3 +175,23 @@ def test_a_transient_503_is_a_visible_prefect_retry_through_the_real_sdk(run_bat
     messages = _poll_logs(state.state_details.flow_run_id, "Retry 1/")
     retry = next(m for m in messages if "Retry 1/" in m)
     assert "primary/gemini-3-pro-image-preview HTTP 503" in retry and "overloaded" in retry
+
+
+def test_the_next_batch_starts_from_the_recorded_provider_health(run_batch):
+    """A primary down at the end of one batch is not hammered by the next: it gets a probe
+    when one is due (here after 300 s), and the batch starts on the backup."""
+    profile = EmulatorProfile(
+        providers={"primary": ProviderProfile(outage=True), "backup": ProviderProfile()}
+    )
+    with EmulatorServer(profile) as server:
+        state, records = run_batch(server, 6, "night-1", probe=300)
+        assert state.is_completed() and {r["provider"] for r in records} == {"backup"}
+        first = len(server.emulator.log)
+        assert [e.provider for e in server.emulator.log].count("primary") == 3
+
+        state, records = run_batch(server, 6, "night-2", probe=300)
+        second = list(server.emulator.log)[first:]
+    assert state.is_completed() and {r["provider"] for r in records} == {"backup"}
+    assert [e.provider for e in second] == ["backup"] * 6  # not one call to the primary
+    messages = _poll_logs(state.state_details.flow_run_id, "recorded provider health")
+    assert any("primary was overloaded" in m and "probe first" in m for m in messages)

@@ -499,3 +499,48 @@ def test_shared_limits_are_held_around_the_call_after_the_local_gate():
     assert result == "primary"
     assert trace == ["enter primary (gate in flight 1)", "call primary", "exit primary"]
     assert infos[0].waited_s == pytest.approx(2.0, abs=0.01)
+
+
+# ---------------------------------------------------------------- health across runs
+
+
+def test_a_batch_starts_from_the_health_the_last_run_recorded(tmp_path):
+    from imagebatch.resilience import FileHealthStore, Ticket
+
+    store = FileHealthStore(tmp_path)
+    ended = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+    first, _, _ = _router(CHAIN)
+    primary = first.lanes[0]
+    for _ in range(3):  # the primary is overloaded when the run ends: its circuit is open
+        primary.circuit.record_failure(Ticket(probe=False, generation=0), counts=True)
+    primary.used = True
+    primary.gate.ceiling = 7.0  # and it had learned a real ceiling below the configured 10 RPM
+    recorded = first.health(ended)
+    assert set(recorded) == {"primary"}  # the backup was never used: nothing to say about it
+    assert (recorded["primary"].state, recorded["primary"].ceiling_rpm) == ("overloaded", 7.0)
+    store.write(primary.key, recorded["primary"])
+
+    # a run two minutes later: the primary gets a probe first, three minutes on, and its ceiling
+    second, sim, _ = _router(CHAIN)
+    saved = {"primary": store.read(second.lanes[0].key)}
+    notes = second.start_from(saved, ended + timedelta(minutes=2))
+    lane = second.lanes[0]
+    assert lane.circuit.state == "open"
+    assert lane.circuit.available_in() == pytest.approx(180.0)
+    assert lane.gate.ceiling == 7.0 and lane.gate.rate == pytest.approx(7.0 * 0.95)
+    assert notes == [
+        "primary was overloaded 120 s ago: it gets a probe first, in 180 s",
+        "primary starts at its learned ceiling of 7 RPM",
+    ]
+    result, calls = _attempt(second, sim, Prompt(id="a", prompt="x"), lambda name, n: name)
+    assert (result, calls) == ("backup", ["backup"])  # failed over from the first call
+
+    # a run after the probe interval starts normally, and a day later the ceiling is forgotten
+    third, _, _ = _router(CHAIN)
+    assert third.start_from(saved, ended + timedelta(minutes=6)) == [
+        "primary starts at its learned ceiling of 7 RPM"
+    ]
+    assert third.lanes[0].circuit.state == "closed"
+    fourth, _, _ = _router(CHAIN)
+    assert fourth.start_from(saved, ended + timedelta(days=2)) == []
+    assert fourth.lanes[0].gate.ceiling is None

@@ -18,6 +18,12 @@ from imagebatch.resilience.budget import RetryBudget, SpendCap
 from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance, FileUsageStore, MemoryUsageStore, UsageStore
 from imagebatch.resilience.gate import Admission, GateSettings, ProviderGate
+from imagebatch.resilience.health import (
+    FileHealthStore,
+    HealthStore,
+    MemoryHealthStore,
+    ProviderHealth,
+)
 from imagebatch.resilience.router import AttemptInfo, Emit, Lane, Router
 from imagebatch.resilience.shared import (
     LimitSpec,
@@ -32,13 +38,17 @@ __all__ = [
     "AttemptInfo",
     "CircuitBreaker",
     "DailyAllowance",
+    "FileHealthStore",
     "FileUsageStore",
     "GateSettings",
+    "HealthStore",
     "Lane",
     "LimitSpec",
+    "MemoryHealthStore",
     "MemoryUsageStore",
     "NoSharedLimits",
     "ProviderGate",
+    "ProviderHealth",
     "RetryBudget",
     "Router",
     "SharedLimits",
@@ -109,6 +119,7 @@ def build_router(
                 circuit=circuit,
                 retries=RetryBudget(ratio=config.retry.budget_ratio),
                 daily=daily,
+                key=usage_key(provider),
             )
         )
     deadline = None if config.deadline_s is None else clock() + config.deadline_s / time_scale

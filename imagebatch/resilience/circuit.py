@@ -98,6 +98,13 @@ class CircuitBreaker:
         else:
             self.failures = 0
 
+    def restore_open(self, opened_ago: float) -> None:
+        """Start open, as a run that ended recently left it: the next call is a probe, due
+        ``probe_interval_s`` after it opened then."""
+        self.state = "open"
+        self.opened_at = self.clock() - max(0.0, opened_ago)
+        self.generation += 1
+
     def _open(self) -> None:
         was_closed = self.state == "closed"
         self.state = "open"

@@ -140,6 +140,13 @@ class ProviderGate:
         admission.waited_s = admission.started - began
         return admission
 
+    def restore_ceiling(self, ceiling_rpm: float) -> None:
+        """Start at a ceiling an earlier run learned (it is probed up again as usual)."""
+        if self.configured_rpm is None or ceiling_rpm >= self.configured_rpm:
+            return
+        self.ceiling = max(self.settings.min_rpm, ceiling_rpm)
+        self.rate = self._target()
+
     def release(self) -> None:
         """The call has ended (whatever its outcome)."""
         self._in_flight.release()

@@ -14,14 +14,17 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from imagebatch.errors import (
+    AuthenticationFailed,
     BudgetReached,
     ContentRefused,
     DailyQuotaExhausted,
     DeadlineReached,
     GiveUpError,
+    ModelNotFound,
     MoveOnError,
     ProviderConnectionError,
     ProviderError,
@@ -37,6 +40,7 @@ from imagebatch.resilience.budget import RetryBudget, SpendCap
 from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance
 from imagebatch.resilience.gate import ProviderGate
+from imagebatch.resilience.health import CEILING_TTL_S, ProviderHealth
 from imagebatch.resilience.shared import NoSharedLimits, SharedLimits
 
 __all__ = ["AttemptInfo", "Lane", "Router"]
@@ -58,6 +62,9 @@ class Lane:
     retries: RetryBudget
     daily: DailyAllowance
     disabled: str | None = None  # why this provider is out for the rest of the run
+    disabled_state: str | None = None  # "auth_failing" or "model_missing", for the health record
+    key: str = ""  # the provider's account-and-model key (daily usage, health)
+    used: bool = False  # whether this run sent it anything (only then is its health recorded)
 
 
 @dataclass
@@ -177,6 +184,48 @@ class Router:
         if self.deadline is not None and self.clock() + extra > self.deadline:
             raise DeadlineReached("the batch deadline passed before this prompt could be sent")
 
+    # ------------------------------------------------------------------ health across runs
+
+    def health(self, now: datetime) -> dict[str, ProviderHealth]:
+        """Each provider this run used, as it leaves it (what the next batch starts from)."""
+        found = {}
+        for lane in self.lanes:
+            if not lane.used:
+                continue  # nothing learned: keep what was recorded before
+            ceiling = lane.gate.ceiling
+            if lane.disabled_state:
+                state, reason = lane.disabled_state, lane.disabled
+            elif not lane.daily.available():
+                state, reason = "quota_exhausted", "the day's requests are used up"
+            elif lane.circuit.state != "closed":
+                state, reason = "overloaded", "its circuit was open at the end of the run"
+            else:
+                state, reason = "healthy", None
+            found[lane.name] = ProviderHealth.now(state, now, ceiling_rpm=ceiling, reason=reason)
+        return found
+
+    def start_from(self, recorded: dict[str, ProviderHealth], now: datetime) -> list[str]:
+        """Apply what earlier runs recorded; what was applied, in words (for the log)."""
+        notes = []
+        for lane in self.lanes:
+            health = recorded.get(lane.name)
+            if health is None:
+                continue
+            scale = lane.gate.settings.time_scale
+            age = health.age_s(now) / scale  # in this run's clock seconds
+            if health.state == "overloaded" and age < lane.circuit.probe_interval_s:
+                lane.circuit.restore_open(age)
+                notes.append(
+                    f"{lane.name} was overloaded {age * scale:.0f} s ago: it gets a probe first, "
+                    f"in {lane.circuit.available_in() * scale:.0f} s"
+                )
+            if health.ceiling_rpm is not None and age < CEILING_TTL_S / scale:
+                lane.gate.restore_ceiling(health.ceiling_rpm)
+                notes.append(
+                    f"{lane.name} starts at its learned ceiling of {health.ceiling_rpm:g} RPM"
+                )
+        return notes
+
     # ------------------------------------------------------------------ one attempt
 
     async def attempt(self, prompt: Any, call: Callable[[str], Awaitable[T]]) -> T:
@@ -286,6 +335,10 @@ class Router:
             self.emit("imagebatch.quota.exhausted", lane.name, {"error": str(exc)})
         elif isinstance(exc, MoveOnError):
             lane.disabled = str(exc)
+            if isinstance(exc, AuthenticationFailed):
+                lane.disabled_state = "auth_failing"
+            elif isinstance(exc, ModelNotFound):
+                lane.disabled_state = "model_missing"
 
     def _record(
         self,
@@ -297,6 +350,7 @@ class Router:
         probe: bool,
     ) -> None:
         scale = lane.gate.settings.time_scale
+        lane.used = True
         self.on_attempt(
             prompt,
             AttemptInfo(
