@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("--quiet", action="store_true", help="no progress bar")
     rerun.set_defaults(handler=_cmd_rerun)
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve every deployment of prefect.yaml from this process (one machine)",
+        description="Serve, in this process, every deployment that prefect.yaml defines (the "
+        "nightly schedule included), so the Prefect UI at PREFECT_API_URL can run them. Stop "
+        "with Ctrl-C (the schedules are paused until you serve again).",
+    )
+    serve.add_argument("--file", default="prefect.yaml", help="the deployments' definition")
+    serve.add_argument("--limit", type=int, help="runs at once at most (default: unlimited)")
+    serve.set_defaults(handler=_cmd_serve)
+
     plan = sub.add_parser(
         "plan",
         help="estimate a batch's time and cost before paying for it",
@@ -202,6 +213,24 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     summary: BatchSummary = result
     _print_summary(summary, state.name or "")
     return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from imagebatch.errors import InputError
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.file)))
+    from flows.deployments import load_deployments
+
+    try:
+        deployments = load_deployments(args.file)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    from prefect import serve
+
+    serve(*deployments, limit=args.limit)
+    return EXIT_OK
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -1,0 +1,140 @@
+"""Deployments defined once: prefect.yaml deployed with `prefect deploy` and served by
+`imagebatch serve` give the same schedule and parameter schema on a real Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.deployments import read_definitions
+from imagebatch.errors import ConfigError
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.flow
+PREFECT = str(Path(sys.executable).parent / "prefect")  # the CLI of this environment
+
+
+def _env(api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+
+
+async def _deployment(name: str = "nightly-batch/nightly"):
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def _shape(deployment) -> dict:
+    return {
+        "schedules": [
+            (s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules
+        ],
+        "schema": deployment.parameter_openapi_schema,
+        "enforce": deployment.enforce_parameter_schema,
+        "tags": deployment.tags,
+        "description": deployment.description,
+    }
+
+
+def _wait_for(fetch, ready, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = asyncio.run(fetch())
+        if ready(value):
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_prefect_yaml_is_checked_with_file_and_key(tmp_path):
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: x\n    entrypoint: a.py:f\n    schedule: daily\n")
+    with pytest.raises(ConfigError, match=r"prefect.yaml, key 'deployments\[0\]'.*'schedule'"):
+        read_definitions(bad)
+    assert read_definitions(ROOT / "prefect.yaml")[0]["schedules"][0]["cron"] == "0 2 * * *"
+
+
+def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
+    from prefect import get_client
+
+    env = _env(prefect_server)
+    pool = subprocess.run(
+        [PREFECT, "work-pool", "create", "imagebatch", "--type", "process"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pool.returncode == 0 or "already exists" in pool.stdout, pool.stdout + pool.stderr
+    deploy = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    deployed = asyncio.run(_deployment())
+    assert deployed.work_pool_name == "imagebatch"
+    by_deploy = _shape(deployed)
+    assert by_deploy["schedules"] == [("0 2 * * *", "UTC", True)]
+    assert by_deploy["enforce"] is True
+    fields = by_deploy["schema"]["definitions"]["BatchRun"]["properties"]
+    assert {"prompts", "config", "output", "gcs_block", "batch_id", "dry_run"} <= set(fields)
+
+    async def delete():
+        async with get_client() as client:
+            await client.delete_deployment(deployed.id)
+
+    asyncio.run(delete())
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    served = subprocess.Popen(
+        [sys.executable, "-m", "imagebatch.cli", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deployment = _wait_for(_deployment, lambda d: d is not None)
+        assert _shape(deployment) == by_deploy  # the same schedule, schema, tags, text
+
+        async def start(parameters):
+            async with get_client() as client:
+                return await client.create_flow_run_from_deployment(
+                    deployment.id, parameters=parameters
+                )
+
+        # the server validates the form: an out-of-range value never becomes a run
+        with pytest.raises(Exception, match="max_in_flight"):
+            asyncio.run(start({"run": {"max_in_flight": 0}}))
+
+        out = tmp_path / "out"
+        run = asyncio.run(start({"run": {"output": str(out), "batch_id": "served-1"}}))
+
+        async def read_run():
+            async with get_client() as client:
+                return await client.read_flow_run(run.id)
+
+        final = _wait_for(read_run, lambda r: r.state is not None and r.state.is_final())
+        assert final.state.is_completed(), final.state
+        assert (out / "served-1" / "manifest.jsonl").is_file()
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)  # stop serving before the server goes away
+        served.wait(60)
+        log.close()
