@@ -58,18 +58,26 @@ def read_definitions(path: str | Path = "prefect.yaml") -> list[dict[str, Any]]:
 def load_deployments(path: str | Path = "prefect.yaml") -> list:
     """Runner deployments for ``prefect.serve``, one per entry of the prefect.yaml."""
     from prefect.flows import load_flow_from_entrypoint
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, Interval
 
     base = Path(path).resolve().parent
     runners = []
     for entry in read_definitions(path):
         file, _, func = entry["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(f"{base / file}:{func}")
-        schedules = [
-            Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
-            for s in entry.get("schedules") or []
-            if "cron" in s
-        ]
+        schedules = []
+        for i, s in enumerate(entry.get("schedules") or []):
+            active = s.get("active", True)
+            if "cron" in s:
+                schedules.append(Cron(s["cron"], timezone=s.get("timezone"), active=active))
+            elif "interval" in s:
+                schedules.append(Interval(s["interval"], timezone=s.get("timezone"), active=active))
+            else:
+                raise ConfigError(
+                    "a schedule needs cron or interval",
+                    source=str(path),
+                    key=f"deployments[{entry['name']}].schedules[{i}]",
+                )
         runners.append(
             flow.to_deployment(
                 name=entry["name"],

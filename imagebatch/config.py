@@ -88,6 +88,12 @@ class ProviderConfig(_Strict):
     limits: Limits = Limits()
     price_usd: dict[Literal["1K", "2K", "4K"], float] = Field(default_factory=dict)
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    health_probe_s: float | None = Field(
+        default=300.0,
+        ge=60,
+        description="provider-health probes it at most this often with one real (paid) "
+        "request; null: never",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -39,7 +39,12 @@ async def _deployment(name: str = "nightly-batch/nightly"):
 def _shape(deployment) -> dict:
     return {
         "schedules": [
-            (s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules
+            (
+                getattr(s.schedule, "cron", None) or getattr(s.schedule, "interval", None),
+                s.schedule.timezone,
+                s.active,
+            )
+            for s in deployment.schedules
         ],
         "schema": deployment.parameter_openapi_schema,
         "enforce": deployment.enforce_parameter_schema,
@@ -89,8 +94,10 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
     )
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     deployed = asyncio.run(_deployment())
-    assert deployed.work_pool_name == "imagebatch"
-    by_deploy = _shape(deployed)
+    health = asyncio.run(_deployment("provider-health/every-5-minutes"))
+    assert deployed.work_pool_name == health.work_pool_name == "imagebatch"
+    by_deploy, health_by_deploy = _shape(deployed), _shape(health)
+    assert health_by_deploy["schedules"][0][0].total_seconds() == 300
     assert by_deploy["schedules"] == [("0 2 * * *", "UTC", True)]
     assert by_deploy["enforce"] is True
     fields = by_deploy["schema"]["definitions"]["BatchRun"]["properties"]
@@ -99,6 +106,7 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
     async def delete():
         async with get_client() as client:
             await client.delete_deployment(deployed.id)
+            await client.delete_deployment(health.id)
 
     asyncio.run(delete())
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
@@ -113,6 +121,10 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
     try:
         deployment = _wait_for(_deployment, lambda d: d is not None)
         assert _shape(deployment) == by_deploy  # the same schedule, schema, tags, text
+        health = _wait_for(
+            lambda: _deployment("provider-health/every-5-minutes"), lambda d: d is not None
+        )
+        assert _shape(health) == health_by_deploy
 
         async def start(parameters):
             async with get_client() as client:

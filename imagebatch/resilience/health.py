@@ -31,9 +31,13 @@ class ProviderHealth:
     at: str  # ISO 8601, UTC
     ceiling_rpm: float | None = None
     reason: str | None = None
+    ceiling_at: str | None = None  # when the ceiling was learned (a probe keeps it as it was)
 
     def age_s(self, now: datetime) -> float:
         return (now - datetime.fromisoformat(self.at)).total_seconds()
+
+    def ceiling_age_s(self, now: datetime) -> float:
+        return (now - datetime.fromisoformat(self.ceiling_at or self.at)).total_seconds()
 
     @classmethod
     def now(cls, state: HealthState, now: datetime, **extra) -> ProviderHealth:

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from imagebatch.errors import (
@@ -201,7 +201,13 @@ class Router:
                 state, reason = "overloaded", "its circuit was open at the end of the run"
             else:
                 state, reason = "healthy", None
-            found[lane.name] = ProviderHealth.now(state, now, ceiling_rpm=ceiling, reason=reason)
+            found[lane.name] = ProviderHealth.now(
+                state,
+                now,
+                ceiling_rpm=ceiling,
+                reason=reason,
+                ceiling_at=now.astimezone(UTC).isoformat() if ceiling is not None else None,
+            )
         return found
 
     def start_from(self, recorded: dict[str, ProviderHealth], now: datetime) -> list[str]:
@@ -219,7 +225,7 @@ class Router:
                     f"{lane.name} was overloaded {age * scale:.0f} s ago: it gets a probe first, "
                     f"in {lane.circuit.available_in() * scale:.0f} s"
                 )
-            if health.ceiling_rpm is not None and age < CEILING_TTL_S / scale:
+            if health.ceiling_rpm is not None and health.ceiling_age_s(now) < CEILING_TTL_S:
                 lane.gate.restore_ceiling(health.ceiling_rpm)
                 notes.append(
                     f"{lane.name} starts at its learned ceiling of {health.ceiling_rpm:g} RPM"
