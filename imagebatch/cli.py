@@ -85,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit", type=int, help="runs at once at most (default: unlimited)")
     serve.set_defaults(handler=_cmd_serve)
 
+    auto = sub.add_parser(
+        "automations",
+        help="print the notification automations, ready for prefect automation create",
+        description="Print automations/notifications.yaml with the id of a saved notification "
+        "block filled in, ready for `prefect automation create --from-file`.",
+    )
+    auto.add_argument(
+        "--block",
+        required=True,
+        metavar="TYPE/NAME",
+        help="a notification block, e.g. slack-webhook/ops",
+    )
+    auto.add_argument("--file", default="automations/notifications.yaml", help="the template")
+    auto.set_defaults(handler=_cmd_automations)
+
     plan = sub.add_parser(
         "plan",
         help="estimate a batch's time and cost before paying for it",
@@ -230,6 +245,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
     serve(*deployments, limit=args.limit)
+    return EXIT_OK
+
+
+def _cmd_automations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        template = Path(args.file).read_text("utf-8")
+    except FileNotFoundError:
+        print(
+            f"error: {args.file}: no such file (run this in the project directory)", file=sys.stderr
+        )
+        return EXIT_INPUT
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(args.block)
+    except ValueError as exc:
+        print(f"error: --block {args.block}: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(template.replace("NOTIFICATION_BLOCK_ID", str(block._block_document_id)), end="")
     return EXIT_OK
 
 

@@ -150,3 +150,62 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
         os.killpg(served.pid, signal.SIGTERM)  # stop serving before the server goes away
         served.wait(60)
         log.close()
+
+
+def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_server):
+    from prefect import get_client
+    from prefect.blocks.notifications import SlackWebhook
+
+    env = _env(prefect_server)
+    block_id = SlackWebhook(url="http://127.0.0.1:9/hook").save("imagebatch-ops", overwrite=True)
+    rendered = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagebatch.cli",
+            "automations",
+            "--block",
+            "slack-webhook/imagebatch-ops",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "NOTIFICATION_BLOCK_ID" not in rendered.stdout
+    (tmp_path / "automations.yaml").write_text(rendered.stdout)
+    created = subprocess.run(
+        [PREFECT, "automation", "create", "--from-file", str(tmp_path / "automations.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    async def automations():
+        async with get_client() as client:
+            return await client.read_automations()
+
+    ours = {a.name: a for a in asyncio.run(automations()) if a.name.startswith("imagebatch - ")}
+    assert set(ours) == {
+        "imagebatch - nightly batch failed or crashed",
+        "imagebatch - provider circuit stays open",
+        "imagebatch - no nightly batch completed for a day",
+    }
+    for automation in ours.values():
+        assert [a.block_document_id for a in automation.actions] == [block_id]
+    missed = ours["imagebatch - no nightly batch completed for a day"].trigger
+    assert (missed.posture, missed.within.total_seconds()) == ("Proactive", 90000)
+
+    unknown = subprocess.run(
+        [sys.executable, "-m", "imagebatch.cli", "automations", "--block", "slack-webhook/nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode == 2 and "--block slack-webhook/nope" in unknown.stderr
