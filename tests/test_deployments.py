@@ -209,3 +209,99 @@ def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_serv
         timeout=120,
     )
     assert unknown.returncode == 2 and "--block slack-webhook/nope" in unknown.stderr
+
+
+def test_cancelling_a_served_run_keeps_what_finished_and_the_rerun_resumes(
+    tmp_path, prefect_server
+):
+    import json
+
+    import httpx
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+
+    profile = EmulatorProfile(providers={"primary": ProviderProfile(latency_median_s=1.0)})
+    with EmulatorServer(profile) as emulator:
+        config = tmp_path / "c.yaml"
+        config.write_text(
+            "providers:\n"
+            "  - {name: primary, kind: gemini, model: gemini-3-pro-image-preview,\n"
+            f"     base_url: {emulator.url}/p/primary, api_key_env: EMULATOR_KEY,\n"
+            "     limits: {rpm: 6000, max_in_flight: 2}, timeout_s: 30}\n"
+            "renditions: [{name: original, format: png}]\n"
+            "max_in_flight: 2\n"
+        )
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text(
+            "".join(
+                json.dumps({"id": f"p{i:02d}", "prompt": f"cancel {i}"}) + "\n" for i in range(20)
+            )
+        )
+        out = tmp_path / "out"
+        run_params = {
+            "run": {
+                "prompts": str(prompts),
+                "config": str(config),
+                "output": str(out),
+                "batch_id": "c1",
+            }
+        }
+        env = {**_env(prefect_server), "EMULATOR_KEY": "emulator-key"}
+        log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+        served = subprocess.Popen(
+            [sys.executable, "-m", "imagebatch.cli", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deployment = _wait_for(_deployment, lambda d: d is not None)
+
+            async def start():
+                async with get_client() as client:
+                    return await client.create_flow_run_from_deployment(
+                        deployment.id, parameters=run_params
+                    )
+
+            async def read(run_id):
+                async with get_client() as client:
+                    return await client.read_flow_run(run_id)
+
+            def done() -> set[str]:
+                return {p.parent.name for p in out.glob("c1/*/_success.json")}
+
+            first = asyncio.run(start())
+            deadline = time.monotonic() + 180
+            while len(done()) < 3:  # watching the output, not waiting for time to pass
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.05)
+
+            async def cancel():
+                async with get_client() as client:
+                    await client.set_flow_run_state(first.id, Cancelling())
+
+            asyncio.run(cancel())
+            cancelled = _wait_for(lambda: read(first.id), lambda r: r.state.is_final())
+            assert cancelled.state.is_cancelled(), cancelled.state
+            kept = done()
+            assert 3 <= len(kept) < 20
+            before = len(httpx.get(f"{emulator.url}/_emulator/log").json()["requests"])
+
+            second = asyncio.run(start())
+            final = _wait_for(lambda: read(second.id), lambda r: r.state.is_final())
+            assert final.state.is_completed(), final.state
+        finally:
+            os.killpg(served.pid, signal.SIGTERM)
+            served.wait(60)
+            log.close()
+        again = httpx.get(f"{emulator.url}/_emulator/log").json()["requests"][before:]
+
+    manifest = [json.loads(x) for x in (out / "c1" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 20 and {r["status"] for r in manifest} == {"succeeded"}
+    assert {r["id"] for r in manifest if r["resumed"]} == kept  # nothing finished was lost
+    assert not {texts[p] for p in kept} & {e["prompt"] for e in again}
+    assert len(again) <= 20 - len(kept) + 2  # at most the two in flight at the cancel, again
