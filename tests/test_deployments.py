@@ -234,10 +234,9 @@ def test_cancelling_a_served_run_keeps_what_finished_and_the_rerun_resumes(
             "max_in_flight: 2\n"
         )
         prompts = tmp_path / "p.jsonl"
+        texts = {f"p{i:02d}": f"cancel {i}" for i in range(20)}
         prompts.write_text(
-            "".join(
-                json.dumps({"id": f"p{i:02d}", "prompt": f"cancel {i}"}) + "\n" for i in range(20)
-            )
+            "".join(json.dumps({"id": k, "prompt": v}) + "\n" for k, v in texts.items())
         )
         out = tmp_path / "out"
         run_params = {
