@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagebatch.models import SAFE_ID_PATTERN, PromptRecord
 
-__all__ = ["BatchRun", "BatchSummary", "Outcome", "default_batch_id", "summarize"]
+__all__ = [
+    "BatchRun",
+    "BatchSummary",
+    "Outcome",
+    "default_batch_id",
+    "rerun_params",
+    "summarize",
+]
 
 Outcome = Literal["completed", "partial", "failed"]
 
@@ -54,6 +61,49 @@ class BatchRun(BaseModel):
     dry_run: bool = Field(
         default=False,
         description="Only estimate the time and cost (the plan artifact); generate nothing",
+    )
+
+
+def rerun_params(
+    manifest: str, *, include_blocked: bool = False, config: str | None = None
+) -> BatchRun:
+    """The run that settles what a batch left unsettled, from its manifest's URI or path.
+
+    The batch's validated prompts and settings are kept beside its manifest; the rerun is the
+    same batch (same id and output), so its finished prompts are kept as they are.
+    """
+    import json
+    import os
+
+    from imagebatch.errors import InputError, StorageError
+    from imagebatch.records import BATCH_NAME, PROMPTS_NAME
+    from imagebatch.storage import open_sink
+
+    uri = manifest.removeprefix("file://")
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    parts = uri.rsplit("/", 2)
+    saved = None
+    if len(parts) == 3 and parts[2] == "manifest.jsonl":
+        root, batch = parts[0] or "/", parts[1]
+        try:
+            data = open_sink(root).read(f"{batch}/{BATCH_NAME}")
+            saved = json.loads(data) if data else None
+        except (StorageError, ValueError) as exc:
+            raise InputError(f"{manifest}: {exc}") from None
+    if not saved:
+        raise InputError(
+            f"{manifest}: no batch settings ({BATCH_NAME}) beside it; give the manifest.jsonl "
+            "of a batch"
+        )
+    return BatchRun(
+        prompts=f"{root.rstrip('/')}/{batch}/{PROMPTS_NAME}",
+        config=config or saved.get("config"),
+        output=root,
+        gcs_block=saved.get("gcs_block"),
+        batch_id=saved["batch_id"],
+        max_in_flight=saved.get("max_in_flight"),
+        retry_blocked=include_blocked,
     )
 
 

@@ -166,42 +166,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
-    import json
+    from imagebatch.batch import rerun_params
+    from imagebatch.errors import InputError
 
-    from imagebatch.batch import BatchRun
-    from imagebatch.errors import StorageError
-    from imagebatch.records import BATCH_NAME, PROMPTS_NAME
-    from imagebatch.storage import open_sink
-
-    uri = args.manifest.removeprefix("file://")
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    parts = uri.rsplit("/", 2)
-    saved = None
-    if len(parts) == 3 and parts[2] == "manifest.jsonl":
-        root, batch = parts[0] or "/", parts[1]
-        try:
-            data = open_sink(root).read(f"{batch}/{BATCH_NAME}")
-            saved = json.loads(data) if data else None
-        except (StorageError, ValueError) as exc:
-            print(f"error: {args.manifest}: {exc}", file=sys.stderr)
-            return EXIT_INPUT
-    if not saved:
-        print(
-            f"error: {args.manifest}: no batch settings ({BATCH_NAME}) beside it; give the "
-            "manifest.jsonl of a batch",
-            file=sys.stderr,
+    try:
+        params = rerun_params(
+            args.manifest, include_blocked=args.include_blocked, config=args.config
         )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    params = BatchRun(
-        prompts=f"{root.rstrip('/')}/{batch}/{PROMPTS_NAME}",
-        config=args.config or saved.get("config"),
-        output=root,
-        gcs_block=saved.get("gcs_block"),
-        batch_id=saved["batch_id"],
-        max_in_flight=saved.get("max_in_flight"),
-        retry_blocked=args.include_blocked,
-    )
     return _run_flow(params, quiet=args.quiet)
 
 

@@ -260,3 +260,29 @@ def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
         ("p2", False),
         ("p3", True),
     ]
+
+
+def test_rerun_batch_flow_runs_only_the_unsettled_prompts(batch, scripted):
+    from flows.rerun_batch import rerun_batch
+
+    calls: list[str] = []
+    rejected = {"p2"}
+
+    def flaky(prompt, n):
+        calls.append(prompt.id)
+        if prompt.id in rejected:
+            rejected.discard(prompt.id)
+            raise InvalidRequest("rejected once", http_status=400)
+        return png()
+
+    scripted["primary"] = flaky
+    first, out = batch({"p1": "one", "p2": "two", "p3": "three"}, batch_id="rerun-flow")
+    assert first.is_failed()
+    calls.clear()
+    state = asyncio.run(
+        rerun_batch(manifest=str(out / "rerun-flow" / "manifest.jsonl"), return_state=True)
+    )
+    assert state.is_completed()
+    summary = state.result()
+    assert (summary.batch_id, summary.resumed, summary.succeeded) == ("rerun-flow", 2, 3)
+    assert calls == ["p2"]
