@@ -244,33 +244,38 @@ def _cmd_automations(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _load_inputs(config: str | None, prompts: str | None = None):
+    """The config (and prompts), or None after printing what is wrong with them."""
     from imagebatch.config import load_config
     from imagebatch.errors import InputError
-    from imagebatch.plan import plan_batch
     from imagebatch.prompts import load_prompts
 
     try:
-        config = load_config(args.config)
-        prompts = load_prompts(args.prompts).prompts
+        return load_config(config), load_prompts(prompts).prompts if prompts else []
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from imagebatch.plan import plan_batch
+
+    inputs = _load_inputs(args.config, args.prompts)
+    if inputs is None:
         return EXIT_INPUT
+    config, prompts = inputs
     plan = plan_batch(prompts, config)
     print(plan.describe())
     return EXIT_OK if plan.feasible else EXIT_FAILED
 
 
 def _cmd_limits_sync(args: argparse.Namespace) -> int:
-    from imagebatch.config import load_config
-    from imagebatch.errors import InputError
     from imagebatch.settings import Settings
 
-    try:
-        config = load_config(args.config)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    inputs = _load_inputs(args.config)
+    if inputs is None:
         return EXIT_INPUT
+    config = inputs[0]
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL

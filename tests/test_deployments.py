@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,39 @@ def _shape(deployment) -> dict:
         "tags": deployment.tags,
         "description": deployment.description,
     }
+
+
+@contextlib.contextmanager
+def _serving(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`imagebatch serve` in the project directory, stopped before the server goes away."""
+    with open(tmp_path / "serve.log", "wb") as log:
+        served = subprocess.Popen(
+            [sys.executable, "-m", "imagebatch.cli", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield served
+        finally:
+            os.killpg(served.pid, signal.SIGTERM)  # serve pauses its schedules on the way out
+            served.wait(60)
+
+
+async def _start(deployment_id, parameters: dict):
+    from prefect import get_client
+
+    async with get_client() as client:
+        return await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+
+
+async def _read_run(run_id):
+    from prefect import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
 
 
 def _wait_for(fetch, ready, timeout: float = 120.0):
@@ -109,16 +144,7 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
             await client.delete_deployment(health.id)
 
     asyncio.run(delete())
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    served = subprocess.Popen(
-        [sys.executable, "-m", "imagebatch.cli", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with _serving(tmp_path, env):
         deployment = _wait_for(_deployment, lambda d: d is not None)
         assert _shape(deployment) == by_deploy  # the same schedule, schema, tags, text
         health = _wait_for(
@@ -126,30 +152,16 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
         )
         assert _shape(health) == health_by_deploy
 
-        async def start(parameters):
-            async with get_client() as client:
-                return await client.create_flow_run_from_deployment(
-                    deployment.id, parameters=parameters
-                )
-
         # the server validates the form: an out-of-range value never becomes a run
         with pytest.raises(Exception, match="max_in_flight"):
-            asyncio.run(start({"run": {"max_in_flight": 0}}))
+            asyncio.run(_start(deployment.id, {"run": {"max_in_flight": 0}}))
 
         out = tmp_path / "out"
-        run = asyncio.run(start({"run": {"output": str(out), "batch_id": "served-1"}}))
-
-        async def read_run():
-            async with get_client() as client:
-                return await client.read_flow_run(run.id)
-
-        final = _wait_for(read_run, lambda r: r.state is not None and r.state.is_final())
+        params = {"run": {"output": str(out), "batch_id": "served-1"}}
+        run = asyncio.run(_start(deployment.id, params))
+        final = _wait_for(lambda: _read_run(run.id), lambda r: r.state and r.state.is_final())
         assert final.state.is_completed(), final.state
         assert (out / "served-1" / "manifest.jsonl").is_file()
-    finally:
-        os.killpg(served.pid, signal.SIGTERM)  # stop serving before the server goes away
-        served.wait(60)
-        log.close()
 
 
 def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_server):
@@ -248,32 +260,13 @@ def test_cancelling_a_served_run_keeps_what_finished_and_the_rerun_resumes(
             }
         }
         env = {**_env(prefect_server), "EMULATOR_KEY": "emulator-key"}
-        log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-        served = subprocess.Popen(
-            [sys.executable, "-m", "imagebatch.cli", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
+        with _serving(tmp_path, env):
             deployment = _wait_for(_deployment, lambda d: d is not None)
-
-            async def start():
-                async with get_client() as client:
-                    return await client.create_flow_run_from_deployment(
-                        deployment.id, parameters=run_params
-                    )
-
-            async def read(run_id):
-                async with get_client() as client:
-                    return await client.read_flow_run(run_id)
 
             def done() -> set[str]:
                 return {p.parent.name for p in out.glob("c1/*/_success.json")}
 
-            first = asyncio.run(start())
+            first = asyncio.run(_start(deployment.id, run_params))
             deadline = time.monotonic() + 180
             while len(done()) < 3:  # watching the output, not waiting for time to pass
                 assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
@@ -284,19 +277,15 @@ def test_cancelling_a_served_run_keeps_what_finished_and_the_rerun_resumes(
                     await client.set_flow_run_state(first.id, Cancelling())
 
             asyncio.run(cancel())
-            cancelled = _wait_for(lambda: read(first.id), lambda r: r.state.is_final())
+            cancelled = _wait_for(lambda: _read_run(first.id), lambda r: r.state.is_final())
             assert cancelled.state.is_cancelled(), cancelled.state
             kept = done()
             assert 3 <= len(kept) < 20
             before = len(httpx.get(f"{emulator.url}/_emulator/log").json()["requests"])
 
-            second = asyncio.run(start())
-            final = _wait_for(lambda: read(second.id), lambda r: r.state.is_final())
+            second = asyncio.run(_start(deployment.id, run_params))
+            final = _wait_for(lambda: _read_run(second.id), lambda r: r.state.is_final())
             assert final.state.is_completed(), final.state
-        finally:
-            os.killpg(served.pid, signal.SIGTERM)
-            served.wait(60)
-            log.close()
         again = httpx.get(f"{emulator.url}/_emulator/log").json()["requests"][before:]
 
     manifest = [json.loads(x) for x in (out / "c1" / "manifest.jsonl").read_text().splitlines()]
