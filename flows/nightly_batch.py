@@ -62,6 +62,13 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
     run = run or BatchRun()
     logger = get_run_logger()
     config = load_config(run.config)
+    overrides = {
+        key: value
+        for key, value in (("budget_usd", run.budget_usd), ("deadline_s", run.deadline_s))
+        if value is not None
+    }
+    if overrides:  # this run's own cap or deadline, from the form or the CLI
+        config = config.model_copy(update=overrides)
     secrets: dict[str, str] = {}
     if any(p.block for p in config.providers):
         config, secrets = await resolve_provider_blocks(config)

@@ -55,6 +55,14 @@ class BatchRun(BaseModel):
     max_in_flight: int | None = Field(
         default=None, ge=1, le=1000, description="Prompts worked on at once; empty for the config's"
     )
+    budget_usd: float | None = Field(
+        default=None, ge=0, description="Spend cap for this run; empty for the config's"
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Send nothing new this many seconds after the start; empty for the config's",
+    )
     retry_blocked: bool = Field(
         default=True, description="Also try again prompts a provider refused in an earlier run"
     )

@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-bad-rows", action="store_true", help="skip and report malformed prompt rows"
     )
     run.add_argument("--max-in-flight", type=int, metavar="N", help="prompts worked on at once")
+    run.add_argument("--budget-usd", type=float, metavar="USD", help="spend cap for this run")
+    run.add_argument(
+        "--deadline-s", type=float, metavar="S", help="send nothing new after this many seconds"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
@@ -157,6 +161,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             batch_id=args.batch_id,
             skip_bad_rows=args.skip_bad_rows,
             max_in_flight=args.max_in_flight,
+            budget_usd=args.budget_usd,
+            deadline_s=args.deadline_s,
         )
     except ValidationError as exc:
         err = exc.errors()[0]

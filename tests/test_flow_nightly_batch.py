@@ -286,3 +286,13 @@ def test_rerun_batch_flow_runs_only_the_unsettled_prompts(batch, scripted):
     summary = state.result()
     assert (summary.batch_id, summary.resumed, summary.succeeded) == ("rerun-flow", 2, 3)
     assert calls == ["p2"]
+
+
+def test_the_run_form_can_set_its_own_deadline(batch, scripted):
+    calls: list[str] = []
+    scripted["primary"] = lambda prompt, n: calls.append(prompt.id) or png()
+    state, out = batch({"a": "one", "b": "two"}, batch_id="deadline-1", deadline_s=1e-9)
+    summary = state.result(raise_on_failure=False)
+    assert state.is_failed() and (summary.skipped, calls) == (2, [])
+    record = json.loads((out / "deadline-1" / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "skipped" and "deadline" in record["error"]
