@@ -23,7 +23,15 @@ def _percentile(values: list[float], q: float) -> float | None:
 def provider_table(records: list[PromptRecord]) -> list[dict[str, Any]]:
     """One row per provider: outcomes, retries, latency percentiles and cost of this run."""
     rows: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"succeeded": 0, "failed": 0, "blocked": 0, "calls": 0, "retries": 0, "cost": 0.0}
+        lambda: {
+            "succeeded": 0,
+            "failed": 0,
+            "blocked": 0,
+            "calls": 0,
+            "retries": 0,
+            "failovers": 0,
+            "cost": 0.0,
+        }
     )
     latencies: dict[str, list[float]] = defaultdict(list)
     for record in records:
@@ -41,6 +49,9 @@ def provider_table(records: list[PromptRecord]) -> list[dict[str, Any]]:
             row = rows[record.provider]
             row[record.status] += 1
             row["cost"] += record.cost_usd
+            # it ended here after trying elsewhere: a failover to this provider
+            if any(a.provider != record.provider for a in record.attempts):
+                row["failovers"] += 1
     table = []
     for name, row in rows.items():
         p50, p95 = _percentile(latencies[name], 0.5), _percentile(latencies[name], 0.95)
@@ -52,6 +63,7 @@ def provider_table(records: list[PromptRecord]) -> list[dict[str, Any]]:
                 "blocked": row["blocked"],
                 "calls": row["calls"],
                 "retries": row["retries"],
+                "failovers": row["failovers"],
                 "p50_latency_s": round(p50, 3) if p50 is not None else None,
                 "p95_latency_s": round(p95, 3) if p95 is not None else None,
                 "cost_usd": round(row["cost"], 4),

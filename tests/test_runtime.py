@@ -156,3 +156,44 @@ def test_outcome_follows_the_failure_threshold(statuses, outcome):
 )
 def test_default_batch_id_is_the_source_name_and_date(source, expected):
     assert default_batch_id(source, date(2026, 11, 28)) == expected
+
+
+def test_provider_table_counts_outcomes_retries_and_failovers():
+    from imagebatch.models import Attempt
+    from imagebatch.report import provider_table
+
+    def record(prompt_id, status, provider, *attempts, cost=0.0):
+        return PromptRecord(
+            id=prompt_id,
+            status=status,
+            provider=provider,
+            attempts=[Attempt(provider=p, outcome=o, latency_s=1.0) for p, o in attempts],
+            cost_usd=cost,
+            batch_id="b",
+            finished_at=datetime.now(UTC),
+        )
+
+    table = provider_table(
+        [
+            record("a", "succeeded", "primary", ("primary", "ok"), cost=0.1),
+            record(
+                "b",
+                "succeeded",
+                "backup",
+                ("primary", "ProviderOverloaded"),
+                ("primary", "ProviderOverloaded"),
+                ("backup", "ok"),
+                cost=0.05,
+            ),
+            record("c", "blocked", "primary", ("primary", "ContentRefused")),
+        ]
+    )
+    rows = {r["provider"]: r for r in table}
+    assert {k: rows["primary"][k] for k in ("succeeded", "blocked", "calls", "retries")} == {
+        "succeeded": 1,
+        "blocked": 1,
+        "calls": 4,
+        "retries": 2,
+    }
+    assert (rows["backup"]["succeeded"], rows["backup"]["failovers"]) == (1, 1)
+    assert rows["primary"]["failovers"] == 0 and rows["backup"]["cost_usd"] == 0.05
