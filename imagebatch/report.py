@@ -72,6 +72,16 @@ def provider_table(records: list[PromptRecord]) -> list[dict[str, Any]]:
     return table
 
 
+def console_link(uri: str) -> str:
+    """Where a person opens ``uri``: the Cloud Console page of a gs:// object or folder."""
+    if not uri.startswith("gs://"):
+        return uri
+    path = uri[len("gs://") :]
+    if path.endswith("/"):
+        return f"https://console.cloud.google.com/storage/browser/{path}"
+    return f"https://console.cloud.google.com/storage/browser/_details/{path}"
+
+
 def markdown_report(summary: BatchSummary, records: list[PromptRecord]) -> str:
     """The end-of-batch report: totals, what did not succeed and why, where the manifest is."""
     lines = [
@@ -84,8 +94,10 @@ def markdown_report(summary: BatchSummary, records: list[PromptRecord]) -> str:
         f"| {summary.succeeded} | {summary.blocked} | {summary.failed} | {summary.skipped} "
         f"| {summary.resumed} | {summary.rejected_rows} | {summary.cost_usd:.4f} |",
         "",
-        f"Manifest: [{summary.manifest_uri}]({summary.manifest_uri})",
+        f"Manifest: [{summary.manifest_uri}]({console_link(summary.manifest_uri)})",
     ]
+    folder = summary.manifest_uri.rsplit("/", 1)[0] + "/"
+    lines.append(f"Images: [{folder}]({console_link(folder)})")
     unsettled = [r for r in records if r.status != "succeeded"]
     if unsettled:
         lines += ["", "## Prompts that did not succeed", "", "| prompt | status | reason |"]

@@ -197,3 +197,20 @@ def test_provider_table_counts_outcomes_retries_and_failovers():
     }
     assert (rows["backup"]["succeeded"], rows["backup"]["failovers"]) == (1, 1)
     assert rows["primary"]["failovers"] == 0 and rows["backup"]["cost_usd"] == 0.05
+
+
+def test_report_links_open_the_cloud_console_for_gcs_and_files_as_they_are():
+    from imagebatch.batch import BatchSummary
+    from imagebatch.report import markdown_report
+
+    def summary(manifest: str) -> BatchSummary:
+        return BatchSummary(
+            batch_id="n1", total=0, manifest_uri=manifest, outcome="completed", message="ok"
+        )
+
+    gcs = markdown_report(summary("gs://shop/site/n1/manifest.jsonl"), [])
+    console = "https://console.cloud.google.com/storage/browser"
+    assert f"({console}/_details/shop/site/n1/manifest.jsonl)" in gcs
+    assert f"Images: [gs://shop/site/n1/]({console}/shop/site/n1/)" in gcs
+    local = markdown_report(summary("file:///out/n1/manifest.jsonl"), [])
+    assert "(file:///out/n1/manifest.jsonl)" in local and "(file:///out/n1/)" in local
