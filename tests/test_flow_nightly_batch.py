@@ -225,9 +225,10 @@ def test_bad_prompt_file_fails_before_anything_is_generated(tmp_path, prefect_se
     assert not (tmp_path / "out").exists()
 
 
-def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
+def _reject_once(scripted, prompt_id: str) -> list[str]:
+    """The primary rejects ``prompt_id`` on its first call; the ids it was called for."""
     calls: list[str] = []
-    rejected = {"p2"}
+    rejected = {prompt_id}
 
     def flaky(prompt, n):
         calls.append(prompt.id)
@@ -237,6 +238,11 @@ def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
         return png()
 
     scripted["primary"] = flaky
+    return calls
+
+
+def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
+    calls = _reject_once(scripted, "p2")
     prompts = {"p1": "one", "p2": "two", "p3": "three"}
     first, out = batch(prompts, batch_id="resume-1")
     assert first.is_failed()  # 1 of 3 failed: over the 20% threshold
@@ -265,17 +271,7 @@ def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
 def test_rerun_batch_flow_runs_only_the_unsettled_prompts(batch, scripted):
     from flows.rerun_batch import rerun_batch
 
-    calls: list[str] = []
-    rejected = {"p2"}
-
-    def flaky(prompt, n):
-        calls.append(prompt.id)
-        if prompt.id in rejected:
-            rejected.discard(prompt.id)
-            raise InvalidRequest("rejected once", http_status=400)
-        return png()
-
-    scripted["primary"] = flaky
+    calls = _reject_once(scripted, "p2")
     first, out = batch({"p1": "one", "p2": "two", "p3": "three"}, batch_id="rerun-flow")
     assert first.is_failed()
     calls.clear()
