@@ -162,7 +162,7 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
         )
         write_summary(runtime.records, summary)
         await update_progress(artifact_id, progress, final=True)
-        await publish_report(summary, records)
+        await publish_report(summary, records, sink, config.publish.signed_url_expiry_s)
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
     emit_batch_completed(summary)

@@ -176,6 +176,14 @@ class PublishConfig(_Strict):
     latest_index: bool = Field(
         default=True, description="Keep latest.json: prompt id -> its newest published images"
     )
+    signed_url_expiry_s: int | None = Field(
+        default=None,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Link the report's manifest and images with V4 signed URLs that expire after "
+        "this many seconds (gs:// output and a service-account key needed; the default, null, "
+        "links Cloud Console pages, which need a Google login with access to the bucket)",
+    )
 
 
 class BatchConfig(_Strict):

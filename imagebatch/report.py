@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imagebatch.batch import BatchSummary
+from imagebatch.errors import StorageError
 from imagebatch.models import PromptRecord
+from imagebatch.storage.base import Sink
 
-__all__ = ["markdown_report", "provider_table"]
+__all__ = ["ReportLinks", "markdown_report", "provider_table", "report_links"]
+
+#: at most this many rows of prompts (failures, or signed image links) in one report
+REPORT_ROWS = 200
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -82,8 +90,43 @@ def console_link(uri: str) -> str:
     return f"https://console.cloud.google.com/storage/browser/_details/{path}"
 
 
-def markdown_report(summary: BatchSummary, records: list[PromptRecord]) -> str:
+@dataclass
+class ReportLinks:
+    """How the report links objects: Cloud Console pages, or signed URLs when configured."""
+
+    link: Callable[[str], str] = field(default=console_link)
+    note: str | None = None
+    signed: bool = False
+
+
+def report_links(
+    sink: Sink, expires_s: int | None, manifest_uri: str, *, now: datetime | None = None
+) -> ReportLinks:
+    """Signed links when ``expires_s`` is set and the sink can sign; console links otherwise.
+
+    A link that cannot be signed never fails the batch: the report says why and links the
+    console instead.
+    """
+    if not expires_s:
+        return ReportLinks()
+    try:
+        sink.signed_url(manifest_uri, expires_s)
+    except StorageError as exc:
+        return ReportLinks(note=f"Signed links were not made: {exc}. Links open the console.")
+    until = (now or datetime.now(UTC)) + timedelta(seconds=expires_s)
+    return ReportLinks(
+        link=lambda uri: sink.signed_url(uri, expires_s),
+        note=f"Links are signed URLs valid until {until:%Y-%m-%d %H:%M} UTC: anyone holding "
+        "one can download the object until then, so share the report accordingly.",
+        signed=True,
+    )
+
+
+def markdown_report(
+    summary: BatchSummary, records: list[PromptRecord], links: ReportLinks | None = None
+) -> str:
     """The end-of-batch report: totals, what did not succeed and why, where the manifest is."""
+    links = links or ReportLinks()
     lines = [
         f"# Batch `{summary.batch_id}`: {summary.outcome}",
         "",
@@ -94,17 +137,27 @@ def markdown_report(summary: BatchSummary, records: list[PromptRecord]) -> str:
         f"| {summary.succeeded} | {summary.blocked} | {summary.failed} | {summary.skipped} "
         f"| {summary.resumed} | {summary.rejected_rows} | {summary.cost_usd:.4f} |",
         "",
-        f"Manifest: [{summary.manifest_uri}]({console_link(summary.manifest_uri)})",
+        f"Manifest: [{summary.manifest_uri}]({links.link(summary.manifest_uri)})",
     ]
     folder = summary.manifest_uri.rsplit("/", 1)[0] + "/"
     lines.append(f"Images: [{folder}]({console_link(folder)})")
+    if links.note:
+        lines += ["", links.note]
     unsettled = [r for r in records if r.status != "succeeded"]
     if unsettled:
         lines += ["", "## Prompts that did not succeed", "", "| prompt | status | reason |"]
         lines += ["|---|---|---|"]
-        for r in unsettled[:200]:
+        for r in unsettled[:REPORT_ROWS]:
             reason = (r.error or "").replace("|", "\\|").replace("\n", " ")
             lines.append(f"| `{r.id}` | {r.status} | {reason} |")
-        if len(unsettled) > 200:
-            lines.append(f"| ... | | {len(unsettled) - 200} more in the manifest |")
+        if len(unsettled) > REPORT_ROWS:
+            lines.append(f"| ... | | {len(unsettled) - REPORT_ROWS} more in the manifest |")
+    published = [r for r in records if r.status == "succeeded" and r.objects]
+    if links.signed and published:
+        lines += ["", "## Images", "", "| prompt | renditions |", "|---|---|"]
+        for r in published[:REPORT_ROWS]:
+            cells = ", ".join(f"[{o.rendition}]({links.link(o.uri)})" for o in r.objects)
+            lines.append(f"| `{r.id}` | {cells} |")
+        if len(published) > REPORT_ROWS:
+            lines.append(f"| ... | {len(published) - REPORT_ROWS} more in the manifest |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ import time
 from typing import Any
 from uuid import UUID
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -21,7 +21,8 @@ from imagebatch.batch import BatchSummary
 from imagebatch.models import Prompt, PromptRecord
 from imagebatch.progress import BatchProgress
 from imagebatch.records import RecordStore
-from imagebatch.report import markdown_report, provider_table
+from imagebatch.report import markdown_report, provider_table, report_links
+from imagebatch.storage.base import Sink
 
 #: seconds between two progress artifact updates (each is one API call)
 PROGRESS_INTERVAL_S = 2.0
@@ -100,15 +101,29 @@ def write_summary(records: RecordStore, summary: BatchSummary) -> None:
 
 
 @task(name="publish_report", cache_policy=NO_CACHE)
-async def publish_report(summary: BatchSummary, records: list[PromptRecord]) -> None:
-    """Create the end-of-batch artifacts: a table per provider and a markdown report."""
+async def publish_report(
+    summary: BatchSummary,
+    records: list[PromptRecord],
+    sink: Sink | None = None,
+    signed_url_expiry_s: int | None = None,
+) -> None:
+    """Create the end-of-batch artifacts: a table per provider and a markdown report.
+
+    With ``signed_url_expiry_s`` (and a sink that can sign), the report's manifest and image
+    links are signed URLs; otherwise Cloud Console pages.
+    """
+    links = None
+    if sink is not None:
+        links = report_links(sink, signed_url_expiry_s, summary.manifest_uri)
+        if signed_url_expiry_s and not links.signed:
+            get_run_logger().warning("%s", links.note)
     await acreate_table_artifact(
         table=provider_table(records) or [{"provider": "(none)", "succeeded": 0}],
         key="imagebatch-summary",
         description=f"Batch {summary.batch_id}: {summary.message}",
     )
     await acreate_markdown_artifact(
-        markdown=markdown_report(summary, records),
+        markdown=markdown_report(summary, records, links),
         key="imagebatch-report",
         description=f"Batch {summary.batch_id} report",
     )

@@ -173,3 +173,81 @@ class FaultProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def signing_credentials(email: str = "signer@test-project.iam.gserviceaccount.com"):
+    """Service-account credentials with a fresh RSA key, and that key's public half.
+
+    They carry a token that does not expire, so requests to the emulator (which checks no token)
+    never try to reach Google's token endpoint; signing uses the private key, offline.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.oauth2 import service_account
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": "test-key-1",
+        "private_key": pem,
+        "client_email": email,
+        "token_uri": "http://127.0.0.1:9/token",
+    }
+    # with scopes already set, clients use these credentials as they are (not a token-less copy)
+    credentials = service_account.Credentials.from_service_account_info(
+        info, scopes=["https://www.googleapis.com/auth/devstorage.full_control"]
+    )
+    credentials.token = "emulator-token"
+    credentials.expiry = datetime.now(UTC).replace(tzinfo=None) + timedelta(days=1)
+    return credentials, key.public_key(), pem
+
+
+def verify_v4_signed_url(url: str, public_key) -> dict[str, str]:
+    """Check a GCS V4 signed URL's signature independently of google-cloud-storage.
+
+    Rebuilds the canonical request and string to sign as Google documents them
+    (cloud.google.com/storage/docs/authentication/canonical-requests) and verifies the RSA
+    signature with ``public_key``; returns the URL's X-Goog-* parameters.
+    """
+    import hashlib
+    from urllib.parse import unquote
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    parts = urlsplit(url)
+    pairs = [p.split("=", 1) for p in parts.query.split("&")]
+    params = {k: unquote(v) for k, v in pairs}
+    canonical_query = "&".join(f"{k}={v}" for k, v in sorted(pairs) if k != "X-Goog-Signature")
+    canonical_request = "\n".join(
+        [
+            "GET",
+            parts.path,
+            canonical_query,
+            f"host:{parts.netloc}\n",
+            params["X-Goog-SignedHeaders"],
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    scope = params["X-Goog-Credential"].split("/", 1)[1]
+    string_to_sign = "\n".join(
+        [
+            params["X-Goog-Algorithm"],
+            params["X-Goog-Date"],
+            scope,
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        ]
+    )
+    public_key.verify(
+        bytes.fromhex(params["X-Goog-Signature"]),
+        string_to_sign.encode(),
+        padding.PKCS1v15(),
+        hashes.SHA256(),
+    )
+    return params

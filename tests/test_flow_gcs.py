@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -241,3 +242,82 @@ def test_a_saved_gcs_bucket_block_is_a_publish_target(
     missing = _run(prompts=prompts, gcs_block="no-such-block", batch_id="blk-2")
     assert missing.is_failed()
     assert "no GcsBucket block named 'no-such-block'" in str(missing.result(raise_on_failure=False))
+
+
+SIGNED_CONFIG = """
+providers:
+  - {name: primary, kind: local, model: local-render-v1, options: {render_px: 64}}
+renditions:
+  - {name: original, format: png}
+publish: {signed_url_expiry_s: 900}
+"""
+
+
+async def _report(flow_run_id) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return next((a.data for a in found if a.key == "imagebatch-report"), "")
+
+
+def _poll_report(state) -> str:
+    import time
+
+    deadline = time.monotonic() + 60
+    while not (text := asyncio.run(_report(state.state_details.flow_run_id))):
+        assert time.monotonic() < deadline, "no imagebatch-report artifact"
+        time.sleep(0.2)
+    return text
+
+
+def test_report_links_are_signed_urls_only_when_configured_and_possible(
+    tmp_path, prefect_server, gcs_bucket, monkeypatch
+):
+    import re
+
+    from prefect_gcp import GcpCredentials
+    from prefect_gcp.cloud_storage import GcsBucket
+
+    from tests.gcs import signing_credentials, verify_v4_signed_url
+
+    credentials, public_key, pem = signing_credentials()
+    # a service account's key, as a block holds it; its token is never fetched (the emulator)
+    monkeypatch.setattr(
+        GcpCredentials, "get_credentials_from_service_account", lambda self: credentials
+    )
+    GcsBucket(
+        bucket=gcs_bucket,
+        bucket_folder="site",
+        gcp_credentials=GcpCredentials(project="test-project"),
+    ).save("signed-images", overwrite=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(SIGNED_CONFIG)
+    prompts = _write_prompts(tmp_path / "p.jsonl", {"mug": {"prompt": "a mug"}})
+
+    state = _run(prompts=prompts, config=str(config), gcs_block="signed-images", batch_id="s-1")
+    assert state.is_completed()
+    report = _poll_report(state)
+    assert "Links are signed URLs valid until" in report
+    links = re.findall(r"\]\((http://[^)]+)\)", report)
+    paths = {urlsplit(u).path for u in links}
+    assert f"/{gcs_bucket}/site/s-1/manifest.jsonl" in paths
+    assert f"/{gcs_bucket}/site/s-1/mug/original.png" in paths
+    for url in links:
+        assert verify_v4_signed_url(url, public_key)["X-Goog-Expires"] == "900"
+    assert pem.splitlines()[1] not in report
+
+    # the emulator's anonymous credentials cannot sign: the batch still completes, the report
+    # says why and links the console
+    anonymous = _run(
+        prompts=prompts, config=str(config), output=f"gs://{gcs_bucket}/plain", batch_id="s-2"
+    )
+    assert anonymous.is_completed()
+    report = _poll_report(anonymous)
+    assert "Signed links were not made: cannot sign URLs" in report
+    assert "X-Goog-Signature" not in report
+    console = "https://console.cloud.google.com/storage/browser/_details"
+    assert f"({console}/{gcs_bucket}/plain/s-2/manifest.jsonl)" in report

@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from imagebatch.errors import BatchLockedError, StorageError
@@ -130,3 +132,39 @@ def test_the_lease_is_refreshed_while_held(gcs_bucket):
         # a second run still sees a live lease
         with pytest.raises(BatchLockedError):
             _take(GcsSink(gcs_bucket, "out", retry=FAST, lock_ttl_s=0.4))
+
+
+def test_signed_urls_verify_expire_and_open_the_object(gcs_bucket):
+    from cryptography.exceptions import InvalidSignature
+    from google.cloud import storage
+
+    from tests.gcs import signing_credentials, verify_v4_signed_url
+
+    writer = GcsSink(gcs_bucket, "site", retry=FAST)
+    writer.write("n1/mug/web image.webp", b"webp-bytes", content_type="image/webp", metadata={})
+    credentials, public_key, pem = signing_credentials()
+    client = storage.Client(project="test-project", credentials=credentials)
+    sink = GcsSink(gcs_bucket, "site", client=client, retry=FAST)
+
+    url = sink.signed_url(sink.uri("n1/mug/web image.webp"), 900)
+    params = verify_v4_signed_url(url, public_key)
+    assert params["X-Goog-Expires"] == "900"
+    with pytest.raises(InvalidSignature):  # the check itself fails on a link someone extended
+        verify_v4_signed_url(url.replace("X-Goog-Expires=900", "X-Goog-Expires=9000"), public_key)
+    assert params["X-Goog-Credential"].startswith("signer@test-project.iam.gserviceaccount.com/")
+    assert urlsplit(url).path == f"/{gcs_bucket}/site/n1/mug/web%20image.webp"
+    assert "PRIVATE KEY" not in url and pem.splitlines()[1] not in url
+    # the emulator checks no signature, but serves the object at the signed path
+    assert httpx.get(url).content == b"webp-bytes"
+
+    with pytest.raises(StorageError, match="is not an object of"):
+        sink.signed_url("gs://another-bucket/x.png", 900)
+
+
+def test_credentials_without_a_key_cannot_sign_and_say_what_to_do(gcs_bucket):
+    sink = GcsSink(gcs_bucket, "site", retry=FAST)  # the emulator's anonymous credentials
+    with pytest.raises(StorageError) as caught:
+        sink.signed_url(sink.uri("n1/manifest.jsonl"), 900)
+    message = str(caught.value)
+    assert "cannot sign URLs" in message and "AnonymousCredentials" in message
+    assert "service-account key" in message and "publish.signed_url_expiry_s" in message

@@ -66,6 +66,15 @@ class Sink(ABC):
         """A page where a person can look at ``key`` (the URI where there is no console)."""
         return self.uri(key)
 
+    def signed_url(self, uri: str, expires_s: int) -> str:
+        """A link to the object ``uri`` that anyone holding it can open for ``expires_s`` seconds.
+
+        Only object stores sign links; StorageError says why when this sink cannot.
+        """
+        from imagebatch.errors import StorageError
+
+        raise StorageError(f"{uri}: signed URLs exist only for gs:// output")
+
     @abstractmethod
     def lock(self, name: str) -> AbstractContextManager[None]:
         """Hold an exclusive lock on ``name`` for one run; raise BatchLockedError if taken."""

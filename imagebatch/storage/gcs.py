@@ -136,6 +136,32 @@ class GcsSink(Sink):
             f"{self.bucket_name}/{self._name(key)}"
         )
 
+    def signed_url(self, uri: str, expires_s: int) -> str:
+        """A V4 signed GET URL of ``uri`` (an object of this sink's bucket), signed locally.
+
+        Signing needs credentials that hold a private key (a service-account key file, or a
+        GcsBucket block whose credentials have one); user or metadata-server credentials do not.
+        """
+        from datetime import timedelta
+
+        bucket, name = parse_gs_uri(uri)
+        if bucket != self.bucket_name or not name:
+            raise StorageError(f"{uri} is not an object of gs://{self.bucket_name}")
+        try:
+            return self.bucket.blob(name).generate_signed_url(
+                version="v4", expiration=timedelta(seconds=expires_s), method="GET"
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            # google-cloud-storage says "you need a private key to sign credentials" (with no
+            # secret in it); keep our own words and drop the library's long text
+            kind = type(getattr(self._client, "_credentials", None)).__name__
+            raise StorageError(
+                f"cannot sign URLs for gs://{bucket} with {kind} credentials "
+                f"({type(exc).__name__}): use a service-account key "
+                "(GOOGLE_APPLICATION_CREDENTIALS, or a GcsBucket block whose GcpCredentials "
+                "hold one), or unset publish.signed_url_expiry_s"
+            ) from None
+
     def _upload(
         self,
         key: str,
