@@ -46,8 +46,13 @@ def _run_day() -> datetime:
     return (scheduled or datetime.now()).astimezone()
 
 
+#: the form's defaults (a model default, not ``None``, so the UI shows the fields at once and
+#: "Quick run" runs the example prompts on the embedded defaults); never modified
+_DEFAULT_RUN = BatchRun()
+
+
 @flow(name="nightly-batch")
-async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
+async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
     """Generate, process and publish every prompt of a batch; resumable by batch id.
 
     Args:
@@ -59,7 +64,6 @@ async def nightly_batch(run: BatchRun | None = None) -> State[BatchSummary]:
         threshold; Failed above it. The UI shows a live progress artifact, and at the end a
         table per provider (``imagebatch-summary``) and a report (``imagebatch-report``).
     """
-    run = run or BatchRun()
     logger = get_run_logger()
     config = load_config(run.config)
     overrides = {

@@ -1,5 +1,6 @@
 """The Prefect UI in a real browser: a user starts the nightly batch from its deployment page and
-watches it complete, then finds the summary artifact.
+watches it complete, then finds the summary artifact; fills the Custom-run form (which refuses
+invalid values before anything reaches the server); and reads the schedule in their own time zone.
 
 Headless Chromium (Debian's ``chromium`` package, which ``.ci/run`` installs) driven by
 Playwright, against a real ``prefect server start`` and ``imagebatch serve`` started here.
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -59,10 +61,11 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) ->
         time.sleep(0.25)
 
 
-@pytest.fixture
-def ui_stack(tmp_path) -> Iterator[dict]:
-    """A real Prefect server with its UI, and `imagebatch serve` against it."""
+@pytest.fixture(scope="module")
+def ui_stack(tmp_path_factory) -> Iterator[dict]:
+    """A real Prefect server with its UI, and `imagebatch serve` against it (one per module)."""
     _need_chromium()
+    tmp_path = tmp_path_factory.mktemp("ui-stack")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
@@ -141,50 +144,157 @@ def ui_stack(tmp_path) -> Iterator[dict]:
             log.close()
 
 
-def test_quick_run_from_the_deployment_page_completes_with_its_artifacts(ui_stack, tmp_path):
+@contextmanager
+def _browser_page(tmp_path: Path, timezone_id: str = "UTC") -> Iterator:
+    """A page in headless Chromium as a user in ``timezone_id``; a screenshot if the test fails."""
     from playwright.sync_api import sync_playwright
 
-    base = ui_stack["base"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        context = browser.new_context(timezone_id="UTC", viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(
+            timezone_id=timezone_id, viewport={"width": 1400, "height": 1000}
+        )
         # the UI calls an analytics host even with analytics off: nothing leaves the machine
         context.route(re.compile(r"^https?://(?!127\.0\.0\.1)"), lambda route: route.abort())
         page = context.new_page()
         try:
-            page.goto(f"{base}/v2/deployments/deployment/{ui_stack['deployment']}")
-            page.get_by_text("nightly-batch").first.wait_for(timeout=60_000)
-            run_button = page.get_by_role("button", name="Run", exact=True)
-            run_button.wait_for(state="visible", timeout=60_000)
-            for attempt in (1, 2):
-                run_button.click()
-                with page.expect_response(
-                    lambda r: r.url.endswith("/create_flow_run") and r.request.method == "POST",
-                    timeout=60_000,
-                ) as created:
-                    page.get_by_role("menuitem", name="Quick run").click()
-                response = created.value
-                # a busy SQLite server on 2 cores can answer 5xx once; a user clicks again
-                if response.status < 500 or attempt == 2:
-                    break
-            assert response.ok, f"{response.status} {response.url}: {response.text()[:2000]}"
-            run_id = response.json()["id"]
-
-            page.goto(f"{base}/v2/runs/flow-run/{run_id}")
-            page.get_by_text("Completed", exact=True).first.wait_for(timeout=180_000)
-            page.get_by_role("tab", name="Artifacts").click()
-            page.get_by_text("imagebatch-summary").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
+            yield page
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
             raise
         finally:
             browser.close()
 
-    # and the batch really ran: its manifest is where the served flow wrote it
-    manifests = list((ui_stack["work"] / "output").glob("*/manifest.jsonl"))
+
+def _is_create_run(response) -> bool:
+    return response.url.endswith("/create_flow_run") and response.request.method == "POST"
+
+
+def _manifest_lines(work: Path, batch_id: str) -> list[str]:
+    manifest = work / "output" / batch_id / "manifest.jsonl"
+    assert manifest.exists(), sorted(p.name for p in (work / "output").glob("*"))
+    return manifest.read_text().splitlines()
+
+
+EXAMPLE_PROMPTS = len((ROOT / "examples" / "prompts.jsonl").read_text().splitlines())
+
+
+def test_quick_run_from_the_deployment_page_completes_with_its_artifacts(ui_stack, tmp_path):
+    base = ui_stack["base"]
+    with _browser_page(tmp_path) as page:
+        page.goto(f"{base}/v2/deployments/deployment/{ui_stack['deployment']}")
+        page.get_by_text("nightly-batch").first.wait_for(timeout=60_000)
+        run_button = page.get_by_role("button", name="Run", exact=True)
+        run_button.wait_for(state="visible", timeout=60_000)
+        for attempt in (1, 2):
+            run_button.click()
+            with page.expect_response(_is_create_run, timeout=60_000) as created:
+                page.get_by_role("menuitem", name="Quick run").click()
+            response = created.value
+            # a busy SQLite server on 2 cores can answer 5xx once; a user clicks again
+            if response.status < 500 or attempt == 2:
+                break
+        assert response.ok, f"{response.status} {response.url}: {response.text()[:2000]}"
+        run_id, parameters = response.json()["id"], response.json()["parameters"]
+
+        page.goto(f"{base}/v2/runs/flow-run/{run_id}")
+        page.get_by_text("Completed", exact=True).first.wait_for(timeout=180_000)
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("imagebatch-summary").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
+
+    # and the batch really ran: its manifest is where the served flow wrote it, under the
+    # default batch id (the prompt file's name and the run's date)
+    assert parameters.get("run", {}).get("batch_id") is None  # a Quick run leaves it to the flow
+    manifests = list((ui_stack["work"] / "output").glob("prompts-*/manifest.jsonl"))
     assert len(manifests) == 1
-    assert len(manifests[0].read_text().splitlines()) == len(
-        (ROOT / "examples" / "prompts.jsonl").read_text().splitlines()
-    )
+    assert len(manifests[0].read_text().splitlines()) == EXAMPLE_PROMPTS
     assert (tmp_path / "flow-run.png").stat().st_size > 10_000
+
+
+def test_custom_run_form_refuses_invalid_values_and_runs_what_was_entered(ui_stack, tmp_path):
+    base = ui_stack["base"]
+    created: list = []
+    with _browser_page(tmp_path) as page:
+        page.on("response", lambda r: created.append(r) if _is_create_run(r) else None)
+        page.goto(f"{base}/v2/deployments/deployment/{ui_stack['deployment']}")
+        run_button = page.get_by_role("button", name="Run", exact=True)
+        run_button.wait_for(state="visible", timeout=60_000)
+        run_button.click()
+        page.get_by_role("menuitem", name="Custom run").click()
+
+        def field(label: str, kind: str):
+            """The form field under ``label``, switched from "None" to its ``kind`` tab."""
+            name = page.get_by_text(label, exact=True)
+            name.wait_for(timeout=60_000)
+            box = page.locator("div", has=name).filter(has=page.get_by_role("tab", name=kind)).last
+            box.get_by_role("tab", name=kind).click()
+            return box
+
+        in_flight = field("Max In Flight (Optional)", "int").get_by_role("spinbutton")
+        in_flight.fill("0")
+        # pydantic's ge=1 reaches the form as the input's min: the browser refuses 0 itself
+        assert in_flight.evaluate("e => e.min") == "1"
+        assert in_flight.evaluate("e => e.validity.valid") is False
+        page.get_by_role("button", name="Submit").click()
+        assert in_flight.evaluate("e => e.form !== null && !e.form.checkValidity()") is True
+
+        in_flight.fill("2")
+        assert in_flight.evaluate("e => e.validity.valid") is True
+        field("Batch Id (Optional)", "str").get_by_role("textbox").fill("ui-custom-1")
+        with page.expect_response(_is_create_run, timeout=60_000) as response_info:
+            page.get_by_role("button", name="Submit").click()
+        response = response_info.value
+        assert response.ok, f"{response.status}: {response.text()[:2000]}"
+        run = response.json()
+        assert run["parameters"]["run"]["batch_id"] == "ui-custom-1"
+        assert run["parameters"]["run"]["max_in_flight"] == 2
+        # the click on Submit with 0 in the form sent nothing: this is the only run created
+        assert len(created) == 1
+
+        page.goto(f"{base}/v2/runs/flow-run/{run['id']}")
+        page.get_by_role("tab", name="Artifacts").wait_for(timeout=60_000)
+        page.get_by_text("Completed", exact=True).first.wait_for(timeout=180_000)
+        page.screenshot(path=str(tmp_path / "custom-run.png"), full_page=True)
+
+    assert len(_manifest_lines(ui_stack["work"], "ui-custom-1")) == EXAMPLE_PROMPTS
+
+
+@pytest.mark.parametrize("timezone_id", ["America/New_York", "Asia/Tokyo"])
+def test_schedule_times_show_in_the_users_time_zone(ui_stack, tmp_path, timezone_id):
+    """prefect.yaml says 02:00 UTC; a user elsewhere sees the next run in their own time."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    import yaml
+
+    definition = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    nightly = next(d for d in definition["deployments"] if d["name"] == "nightly")
+    schedule = nightly["schedules"][0]
+    minute, hour = (int(x) for x in schedule["cron"].split()[:2])
+    base = ui_stack["base"]
+    runs = httpx.post(
+        f"{base}/api/flow_runs/filter",
+        json={
+            "deployments": {"id": {"any_": [ui_stack["deployment"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC",
+            "limit": 1,
+        },
+    ).json()
+    assert runs, "the server scheduled no nightly run"
+    start = datetime.fromisoformat(runs[0]["expected_start_time"])
+    in_schedule_zone = start.astimezone(ZoneInfo(schedule["timezone"]))
+    assert (in_schedule_zone.hour, in_schedule_zone.minute) == (hour, minute)
+    local = start.astimezone(ZoneInfo(timezone_id))
+    assert local.hour != hour  # the zone really differs, or this test shows nothing
+
+    with _browser_page(tmp_path, timezone_id) as page:
+        page.goto(f"{base}/v2/deployments/deployment/{ui_stack['deployment']}")
+        page.get_by_role("button", name="Run", exact=True).wait_for(timeout=60_000)
+        # "Next Run" is in the browser's zone ...
+        page.get_by_text(local.strftime("%Y/%m/%d %I:%M:%S %p")).first.wait_for(timeout=60_000)
+        # ... while the schedule card reads the cron in the schedule's own zone (README says so)
+        card = datetime(2000, 1, 1, hour, minute).strftime("At %I:%M %p")
+        page.get_by_text(card, exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "schedule.png"), full_page=True)
