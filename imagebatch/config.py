@@ -125,6 +125,13 @@ class RoutingConfig(_Strict):
     patience_s: float = Field(
         default=60.0, ge=0, description="Skip a provider paused by a hint longer than this"
     )
+    spill_over_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Send a prompt to the next provider while the preferred one's queue (its "
+        "pace, a hint) would hold it longer than this, so every provider's quota works at once; "
+        "null: the next provider only takes over when one fails",
+    )
     margin: float = Field(default=0.05, ge=0, lt=0.5, description="Stay this far under each RPM")
     refused_content_failover: bool = Field(
         default=False, description="Try other providers for a prompt one provider refused"

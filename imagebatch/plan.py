@@ -1,8 +1,9 @@
 """Plan before paying: how long a batch will take and what it will cost, from the config alone.
 
 The estimate routes prompts as the router would on a healthy night (each prompt to its preferred
-provider, else down the chain in priority or price order) and gives each provider a share no
-larger than its daily allowance. A provider's throughput is the lower of its pace (the quota less
+provider, else down the chain in priority or price order; with ``routing.spill_over_s`` to the
+provider where it would finish first) and gives each provider a share no larger than its daily
+allowance. A provider's throughput is the lower of its pace (the quota less
 the safety margin) and its in-flight cap over its typical latency (Little's law); the batch ends
 when the slowest provider has worked through its share.
 """
@@ -100,10 +101,16 @@ def plan_batch(prompts: list[Prompt], config: BatchConfig) -> Plan:
     share: Counter[str] = Counter()
     cost: Counter[str] = Counter()
     unplaced = 0
+    rates = {p.name: _throughput(p, config.routing.margin)[0] for p in chain}
+    spill = config.routing.spill_over_s is not None
     for prompt in prompts:
         order = ([by_name[prompt.provider]] if prompt.provider in by_name else []) + [
             p for p in chain if p.name != prompt.provider
         ]
+        if spill and prompt.provider not in by_name:
+            # spilling over keeps every provider busy: the prompt goes where it would finish
+            # first (the chain's order breaks ties)
+            order.sort(key=lambda p: (share[p.name] + 1) / rates[p.name] + _latency(p) / 60)
         for provider in order:
             if room[provider.name] is None or room[provider.name] > 0:
                 if room[provider.name] is not None:

@@ -55,6 +55,18 @@ def test_daily_allowance_overflow_goes_to_the_backup_and_in_flight_can_bind():
     assert plan.cost_usd == pytest.approx(20 * 0.134 + 10 * 0.04)
 
 
+def test_with_spill_over_each_provider_gets_a_share_that_ends_at_the_same_time():
+    extra = "routing: {spill_over_s: 60}"
+    plan = plan_batch(_prompts(115), parse_config(CHAIN.format(rpd=1000, extra=extra), source="t"))
+    primary, backup = plan.providers
+    # 9.5/min on the primary, 2/min on the backup (in flight binds): 95 + 20 in 10 min each
+    assert (primary.prompts, backup.prompts) == (95, 20)
+    assert primary.minutes == pytest.approx(11.0) and backup.minutes == pytest.approx(11.0)
+    pinned = _prompts(10, provider="backup") + _prompts(20)
+    plan = plan_batch(pinned, parse_config(CHAIN.format(rpd=1000, extra=extra), source="t"))
+    assert {p.name: p.prompts for p in plan.providers} == {"primary": 20, "backup": 10}
+
+
 def test_warnings_for_deadline_budget_and_daily_quota():
     text = CHAIN.format(rpd=10, extra="deadline_s: 180\nbudget_usd: 1")
     text = text.replace("  - name: backup", "  - name: backup2").replace(

@@ -269,6 +269,31 @@ def test_overload_window_fails_over_then_back_with_few_extra_calls():
     assert sum(e.provider == "primary" for e in after) > 0.6 * len(after)
 
 
+def test_spill_over_puts_every_quota_to_work_and_finishes_near_the_capacity_bound():
+    """With ``spill_over_s`` a long queue at the primary spills to the backup; without it the
+    backup waits for a failure. Both providers healthy, 200 prompts at once."""
+    profile = EmulatorProfile(
+        seed=5,
+        providers={
+            "primary": ProviderProfile(rpm=10, latency_median_s=45, latency_p99_s=100),
+            "backup": ProviderProfile(rpm=5, latency_median_s=30, latency_p99_s=80),
+        },
+    )
+    spill = CHAIN.replace("renditions:", "routing: {spill_over_s: 60}\nrenditions:")
+    outcomes, log, _, end = night(spill, profile, 200, concurrency=40)
+    assert len(outcomes) == 200 and set(outcomes.values()) == {"primary", "backup"}
+    assert not any(e.fault.startswith("rate_limited") for e in log)
+    # the quota actually available: 10 + 5 RPM less the 5% pacing margin, plus one latency
+    bound = 200 / (15 * 0.95) * 60 + 100
+    assert end <= 1.1 * bound
+    primary = sorted(e.t_sim_s for e in log if e.provider == "primary")
+    assert (len(primary) - 1) / ((primary[-1] - primary[0]) / 60) >= 0.9 * 10  # still full pace
+
+    outcomes, log, _, end_priority = night(CHAIN, profile, 200, concurrency=40)
+    assert set(outcomes.values()) == {"primary"}  # without it the backup waits for a failure
+    assert end_priority > 1.3 * end
+
+
 # ---------------------------------------------------------------- circuit breaker
 
 

@@ -128,6 +128,7 @@ def build_router(
         strategy=routing.strategy,
         move_prompt_after=routing.move_prompt_after,
         patience_s=routing.patience_s / time_scale,
+        spill_over_s=None if routing.spill_over_s is None else routing.spill_over_s / time_scale,
         refused_failover=routing.refused_content_failover,
         spend=SpendCap(config.budget_usd),
         deadline=deadline,

@@ -88,10 +88,8 @@ class ProviderGate:
         limit = self.ceiling if self.ceiling is not None else self.configured_rpm
         return None if limit is None else max(1, int(limit))
 
-    def reserve(self) -> Admission:
-        """Claim the next start: evenly spaced, after any pause, and never more than the quota
-        in any window (counting starts already claimed). ``started`` is when to go."""
-        now = self.clock()
+    def _earliest(self, now: float) -> float:
+        """When a start claimed now would go: after the pace, any pause and the window."""
         start = max(now, self.next_slot, self.paused_until)
         allowed = self._allowed_in_window()
         while self._starts and self._starts[0].started <= now - self._window():
@@ -100,6 +98,20 @@ class ProviderGate:
             claimed = [a for a in self._starts if a.admitted and a.started > start - self._window()]
             if len(claimed) >= allowed:
                 start = max(start, claimed[-allowed].started + self._window() + 1e-6)
+        return start
+
+    def start_in(self) -> float:
+        """Seconds a request arriving now would wait to start (infinite when every in-flight
+        place is taken): the length of this provider's queue, for spilling over."""
+        if self.in_flight >= self.settings.max_in_flight:
+            return float("inf")
+        now = self.clock()
+        return self._earliest(now) - now
+
+    def reserve(self) -> Admission:
+        """Claim the next start: evenly spaced, after any pause, and never more than the quota
+        in any window (counting starts already claimed). ``started`` is when to go."""
+        start = self._earliest(self.clock())
         self.next_slot = start + self.interval()
         admission = Admission(started=start, waited_s=0.0)
         self._starts.append(admission)

@@ -97,6 +97,7 @@ class Router:
     strategy: str = "priority"
     move_prompt_after: int = 2
     patience_s: float = 60.0
+    spill_over_s: float | None = None  # a queue longer than this sends prompts further down
     refused_failover: bool = False  # a prompt one provider refused may try the others
     spend: SpendCap = field(default_factory=lambda: SpendCap(None))
     deadline: float | None = None  # clock time after which nothing new is sent
@@ -130,6 +131,8 @@ class Router:
         for lane in usable:
             if lane.gate.paused_for() > self.patience_s and others_ok:
                 continue
+            if others_ok and self._spills(lane, usable):
+                continue  # its queue is long and another provider can start this sooner
             streak = self._streaks[(prompt.id, lane.name)]
             if streak >= self.move_prompt_after and others_ok:
                 continue  # this request keeps failing here: let another provider try it
@@ -144,6 +147,22 @@ class Router:
                 self._note_route(prompt, lane)
             return _Choice(lane, ticket, retry=streak > 0)
         return None
+
+    def _short_queue(self, lane: Lane) -> bool:
+        return self.spill_over_s is None or lane.gate.start_in() <= self.spill_over_s
+
+    def _spills(self, lane: Lane, usable: list[Lane]) -> bool:
+        """Spill-over: ``lane``'s queue is longer than ``spill_over_s`` while another usable
+        provider, closed and with a short queue, could start the prompt within it."""
+        if self._short_queue(lane):
+            return False
+        return any(
+            other is not lane
+            and other.circuit.available_in() == 0
+            and other.gate.paused_for() <= self.patience_s
+            and self._short_queue(other)
+            for other in usable
+        )
 
     def _better_than(self, prompt: Any, lane: Lane) -> bool:
         """Whether a provider before ``lane`` in this prompt's order could take it now.
@@ -160,6 +179,7 @@ class Router:
                 and other.circuit.available_in() == 0
                 and other.gate.paused_for() <= self.patience_s
                 and other.gate.in_flight < other.gate.settings.max_in_flight
+                and self._short_queue(other)  # not back into a queue it spilled from
                 and self._streaks[(prompt.id, other.name)] < self.move_prompt_after
                 and other.name not in self._refused.get(prompt.id, ())
             ):
