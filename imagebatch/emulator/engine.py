@@ -49,6 +49,7 @@ class LogEntry:
     status: int | None = None
     latency_s: float = 0.0
     prompt: str = ""  # the prompt's first 120 characters, to tell requests apart
+    hint_s: float | None = None  # the retry hint sent with a 429, in simulated seconds
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Emulator:
                     t_wall_s=round(now - self._t0, 4),
                     fault=fault,
                     prompt=prompt[:120],
+                    hint_s=None if hint is None else round(hint * self.scale, 3),
                 )
             )
             return Decision(provider, state.count, fault, latency, hint, quota)

@@ -1,0 +1,1 @@
+"""The benchmark's contenders; each runs as its own process (see bench/night.py)."""

@@ -1,0 +1,525 @@
+"""A simulated night, side by side: imagebatch, the usual sequential loop, and LiteLLM's router.
+
+    .venv/bin/python bench/night.py                      # everything: about 25 minutes
+    .venv/bin/python bench/night.py --smoke              # each scenario, a few prompts, seconds
+
+Each run starts the project's emulator over HTTP with one scenario's profile (a primary logical
+provider at 10 RPM, latency 30-100 s, and a backup at 5 RPM, in simulated time), runs one
+contender against it in a child process (so its CPU time and memory are its own), and computes
+every figure from the emulator's request log, i.e. from what the providers saw:
+
+- ``imagebatch``: the real nightly flow on a Prefect server this script starts, the primary in
+  the Gemini wire format (google-genai), the backup in OpenAI's (openai SDK);
+- ``naive``: the usual practice, written fresh in ``bench/contenders/naive.py``;
+- ``litellm``: LiteLLM's Router in a benchmark-only virtual environment (``bench/contenders/
+  litellm_router.py``; this script creates the environment the first time).
+
+The results (a median over the seeds for every scenario and contender) are printed as a
+markdown table and, with ``--write``, replace the section of bench/RESULTS.md between its
+``<!-- night -->`` markers; ``--plot`` draws requests per minute per provider for ``overload``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile, Window  # noqa: E402
+
+PRIMARY_RPM, BACKUP_RPM = 10.0, 5.0
+PRICES = {"primary": 0.134, "backup": 0.04}  # USD per image: Gemini 3 Pro Image 1K, gpt-image
+LATENCY = {"latency_median_s": 45.0, "latency_p99_s": 100.0, "image_px": 32}
+BACKUP_LATENCY = {"latency_median_s": 30.0, "latency_p99_s": 80.0, "image_px": 32}
+CLIENT_TIMEOUT_S = 120.0  # every contender's per-call timeout (simulated seconds)
+PROBE_INTERVAL_S = 300.0  # imagebatch's probe interval; LiteLLM's cooldown is set the same
+HINT_SLACK_S = 1.0  # a call this soon after a 429 was already on its way, not a broken hint
+CONTENDERS = ("naive", "litellm", "imagebatch")
+SCRIPTS = {"naive": "naive.py", "litellm": "litellm_router.py", "imagebatch": "imagebatch.py"}
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+LITELLM_SPEC = "litellm>=1.110,<2"
+
+
+@dataclass
+class Scenario:
+    """One night's weather: provider profiles and when the primary is unusable."""
+
+    name: str
+    primary: ProviderProfile
+    backup: ProviderProfile
+    real_primary_rpm: float = PRIMARY_RPM
+    #: (start, end) simulated seconds of the window in which the primary cannot serve
+    window: tuple[float, float] | None = None
+    notes: str = ""
+
+    def rate_at(self, t: float) -> float:
+        """Requests per second the providers can really serve at simulated second ``t``."""
+        primary = self.real_primary_rpm
+        if self.window and self.window[0] <= t < self.window[1]:
+            primary = 0.0
+        return (primary + BACKUP_RPM) / 60.0
+
+    def capacity_bound_s(self, prompts: int) -> float:
+        """Least time to serve ``prompts`` at the available quota, plus one median latency."""
+        t, served = 0.0, 0.0
+        while served < prompts:
+            served += self.rate_at(t)
+            t += 1.0
+        return t + LATENCY["latency_median_s"]
+
+
+def scenarios() -> dict[str, Scenario]:
+    backup = ProviderProfile(rpm=BACKUP_RPM, **BACKUP_LATENCY)
+    overload = Window(start_s=300, duration_s=900, rate=0.9, extra_latency_s=40, ramp_s=120)
+    outage = Window(start_s=300, duration_s=3600)
+    return {
+        s.name: s
+        for s in [
+            Scenario("steady", ProviderProfile(rpm=PRIMARY_RPM, **LATENCY), backup),
+            Scenario(
+                "hidden-quota",
+                ProviderProfile(rpm=PRIMARY_RPM * 0.7, **LATENCY),
+                backup,
+                real_primary_rpm=PRIMARY_RPM * 0.7,
+                notes="the primary really allows 7 RPM; every contender is told 10",
+            ),
+            Scenario(
+                "overload",
+                ProviderProfile(rpm=PRIMARY_RPM, overload_windows=[overload], **LATENCY),
+                backup,
+                window=(300.0, 1200.0),
+                notes="503 to 90% of primary calls for 15 min, latency rising over 2 min before",
+            ),
+            Scenario(
+                "outage",
+                ProviderProfile(rpm=PRIMARY_RPM, outage_windows=[outage], **LATENCY),
+                backup,
+                window=(300.0, 3900.0),
+                notes="the primary answers 503 to everything for an hour",
+            ),
+            Scenario(
+                "long-hints",
+                ProviderProfile(rpm=PRIMARY_RPM, rate_429=0.1, hint_s=90.0, **LATENCY),
+                backup,
+                notes="10% of primary calls get a 429 with a 90 s retry hint",
+            ),
+            Scenario(
+                "hangs",
+                ProviderProfile(rpm=PRIMARY_RPM, rate_hang=0.05, hang_s=600.0, **LATENCY),
+                backup,
+                notes="5% of primary calls hang for 600 s, past every client's 120 s timeout",
+            ),
+        ]
+    }
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def _end(entry, scale: float) -> float:
+    """Simulated second at which the provider answered ``entry``."""
+    return entry.t_sim_s + entry.latency_s * scale
+
+
+def figures(log: list, scenario: Scenario, prompts: int, scale: float) -> dict:
+    """Every figure of one run, from the emulator's log (what the providers saw)."""
+    calls = len(log)
+    ok = [e for e in log if e.status == 200]
+    completed = len({e.prompt for e in ok})
+    row: dict = {"prompts completed": completed, "calls": calls}
+    if not log:
+        return row
+    first = min(e.t_sim_s for e in log)
+    makespan = max(_end(e, scale) for e in ok) - first if ok else None
+    bound = scenario.capacity_bound_s(prompts)
+    row["makespan (sim min)"] = round(makespan / 60, 1) if makespan else None
+    row["makespan / capacity bound"] = round(makespan / bound, 2) if makespan else None
+    row["calls per success"] = round(calls / len(ok), 2) if ok else None
+    row["429 share"] = round(sum(e.status == 429 for e in log) / calls, 4)
+
+    primary = sorted((e for e in log if e.provider == "primary"), key=lambda e: e.t_sim_s)
+    healthy_end = scenario.window[0] if scenario.window else float("inf")
+    healthy_ok = [e.t_sim_s for e in primary if e.status == 200 and e.t_sim_s < healthy_end]
+    if len(healthy_ok) > 1:
+        # successes per minute over the healthy part (at least one minute: a provider's quota
+        # is per 60 s window), divided by the primary's real quota
+        span_min = max(1.0, (min(max(healthy_ok), healthy_end) - first) / 60)
+        used = (len(healthy_ok) - 1) / (span_min * scenario.real_primary_rpm)
+        row["quota used while healthy"] = round(used, 3)
+    else:
+        row["quota used while healthy"] = 0.0
+
+    if scenario.window:
+        start, end = scenario.window
+        fails, third = 0, None
+        for e in sorted(primary, key=lambda e: _end(e, scale)):
+            fails = fails + 1 if e.status != 200 else 0
+            if fails == 3 and e.t_sim_s >= start - 180:  # the window's latency ramp included
+                third = _end(e, scale)
+                break
+        # failed over: the third failure in a row came back and work reaches the backup
+        backup_after = [
+            e.t_sim_s
+            for e in log
+            if e.provider == "backup" and e.t_sim_s >= max(start, third or start)
+        ]
+        row["failover after (sim s)"] = (
+            round(max(third, backup_after[0]) - start) if third and backup_after else None
+        )
+        row["primary calls after its 3rd failure, in the window"] = (
+            sum(third < e.t_sim_s < end for e in primary) if third is not None else None
+        )
+        back = [e.t_sim_s for e in primary if e.t_sim_s >= end and e.status == 200]
+        row["failback after (sim s)"] = round(back[0] - end) if back else None
+
+    hinted = [e for e in log if e.status == 429 and e.hint_s]
+    broken = 0
+    for h in hinted:
+        until = _end(h, scale) + h.hint_s
+        if any(
+            _end(h, scale) + HINT_SLACK_S < e.t_sim_s < until
+            for e in log
+            if e.provider == h.provider and e is not h
+        ):
+            broken += 1
+    row["hints honoured"] = round(1 - broken / len(hinted), 3) if hinted else None
+    cost = sum(PRICES[e.provider] for e in ok)
+    row["cost per 1,000 images (USD)"] = round(cost / completed * 1000, 2) if completed else None
+    return row
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    scenario: str
+    contender: str
+    seed: int
+    scale: float
+    figures: dict = field(default_factory=dict)
+    log: list = field(default_factory=list, repr=False)  # the emulator's, for the plot
+
+
+def _python_for(contender: str) -> str:
+    if contender != "litellm":
+        return sys.executable
+    python = LITELLM_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {LITELLM_VENV} for LiteLLM (once; about 380 MB)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", LITELLM_SPEC, "pillow"], check=True
+        )
+    return str(python)
+
+
+def run_one(
+    scenario: Scenario,
+    contender: str,
+    seed: int,
+    scale: float,
+    prompts: int,
+    work: Path,
+    prefect_api: str | None,
+) -> Run:
+    profile = EmulatorProfile(
+        seed=seed,
+        time_scale=scale,
+        providers={"primary": scenario.primary, "backup": scenario.backup},
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    prompt_file = work / "prompts.jsonl"
+    prompt_file.write_text(
+        "".join(
+            json.dumps({"id": f"p{i:05d}", "prompt": f"product photo {i} seed {seed}"}) + "\n"
+            for i in range(prompts)
+        )
+    )
+    env = {
+        **os.environ,
+        "BENCH_KEY": "bench-key",
+        "IMAGEBATCH_TIME_SCALE": str(scale),
+        "IMAGEBATCH_STATE_DIR": str(work / "state"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    with EmulatorServer(profile) as server:
+        args = [
+            _python_for(contender),
+            str(ROOT / "bench" / "contenders" / SCRIPTS[contender]),
+            "--url",
+            server.url,
+            "--prompts",
+            str(prompt_file),
+            "--scale",
+            str(scale),
+            "--timeout-s",
+            str(CLIENT_TIMEOUT_S),
+            "--probe-interval-s",
+            str(PROBE_INTERVAL_S),
+            "--work",
+            str(work),
+            "--seed",
+            str(seed),
+        ]
+        child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, cwd=work)
+        result: dict = {}
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.strip() == "READY":  # imported and about to start: the night begins now
+                server.emulator.reset()
+            elif line.startswith("{"):
+                result = json.loads(line)
+        if child.wait() != 0 or not result:
+            raise RuntimeError(f"{contender} on {scenario.name} (seed {seed}) failed")
+        log = list(server.emulator.log)
+    row = figures(log, scenario, prompts, scale)
+    wall = result["wall_s"]
+    row["wall s"] = round(wall, 1)
+    row["CPU s"] = round(result["cpu_s"], 1)
+    row["busy share of the run"] = round(result["cpu_s"] / wall, 3) if wall else None
+    row["peak RSS (MiB)"] = result.get("rss_mib")
+    return Run(scenario.name, contender, seed, scale, row, log)
+
+
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    from imagebatch.emulator.app import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - the server's whole life
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Prefect server did not start: see {home / 'server.log'}")
+        time.sleep(0.5)
+
+
+def median_rows(runs: list[Run]) -> dict[tuple[str, str], dict]:
+    """Per (scenario, contender), the median of every numeric figure over the seeds."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run.scenario, run.contender), []).append(run.figures)
+    table = {}
+    for key, rows in grouped.items():
+        merged = {}
+        for name in dict.fromkeys(k for row in rows for k in row):
+            values = [row.get(name) for row in rows]
+            numbers = [v for v in values if isinstance(v, int | float)]
+            if len(numbers) == len(values):
+                merged[name] = round(statistics.median(numbers), 4)
+            else:  # some seeds have no value (e.g. no failback): say how many do
+                merged[name] = (
+                    f"{statistics.median(numbers):g} ({len(numbers)}/{len(values)})"
+                    if numbers
+                    else "-"
+                )
+        table[key] = merged
+    return table
+
+
+#: the table's columns: (figure, heading, format)
+COLUMNS = [
+    ("prompts completed", "done", "{:g}"),
+    ("makespan (sim min)", "makespan (min)", "{:g}"),
+    ("makespan / capacity bound", "/ bound", "{:.2f}"),
+    ("calls per success", "calls / success", "{:.2f}"),
+    ("429 share", "429 share", "{:.1%}"),
+    ("quota used while healthy", "quota used healthy", "{:.0%}"),
+    ("failover after (sim s)", "failover (s)", "{:g}"),
+    (
+        "primary calls after its 3rd failure, in the window",
+        "to primary after 3rd fail",
+        "{:g}",
+    ),
+    ("failback after (sim s)", "failback (s)", "{:g}"),
+    ("hints honoured", "hints honoured", "{:.0%}"),
+    ("cost per 1,000 images (USD)", "USD / 1,000", "{:.2f}"),
+    ("busy share of the run", "busy share", "{:.0%}"),
+    ("CPU s", "CPU s", "{:g}"),
+    ("wall s", "wall s", "{:g}"),
+    ("peak RSS (MiB)", "RSS MiB", "{:g}"),
+]
+
+
+def markdown_table(table: dict[tuple[str, str], dict]) -> str:
+    """One row per scenario and contender, one column per figure (medians over the seeds)."""
+    lines = [
+        "| scenario | contender | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(COLUMNS),
+    ]
+    for (scenario, contender), row in table.items():
+        cells = []
+        for name, _, fmt in COLUMNS:
+            value = row.get(name, "")
+            cells.append(fmt.format(value) if isinstance(value, int | float) else str(value))
+        lines.append(f"| {scenario} | {contender} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_requests_per_minute(log: list, path: Path, title: str) -> None:
+    """Requests per simulated minute per provider (stacked ok / refused), drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    minutes = int(max(e.t_sim_s for e in log) // 60) + 1
+    series = {}
+    for provider in ("primary", "backup"):
+        ok, bad = [0] * minutes, [0] * minutes
+        for e in log:
+            if e.provider == provider:
+                (ok if e.status == 200 else bad)[int(e.t_sim_s // 60)] += 1
+        series[provider] = (ok, bad)
+    top = max(max(o[i] + b[i] for i in range(minutes)) for o, b in series.values()) or 1
+    width, panel, left, pad = max(600, minutes * 12 + 80), 200, 50, 30
+    image = Image.new("RGB", (width, pad + 2 * (panel + pad) + 20), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), title, fill="black")
+    bar = (width - left - 20) / minutes
+    for row, (provider, (ok, bad)) in enumerate(series.items()):
+        y0 = pad + row * (panel + pad) + panel
+        draw.line([(left, y0), (width - 20, y0)], fill="black")
+        draw.text((4, y0 - panel), provider, fill="black")
+        for tick in range(0, top + 1, max(1, top // 4)):
+            y = y0 - tick / top * (panel - 10)
+            draw.text((left - 24, y - 6), str(tick), fill="grey")
+        for i in range(minutes):
+            x = left + i * bar
+            h_ok = ok[i] / top * (panel - 10)
+            h_bad = bad[i] / top * (panel - 10)
+            draw.rectangle([x, y0 - h_ok, x + bar - 2, y0], fill=(46, 125, 50))
+            draw.rectangle([x, y0 - h_ok - h_bad, x + bar - 2, y0 - h_ok], fill=(198, 40, 40))
+        for m in range(0, minutes, 10):
+            draw.text((left + m * bar, y0 + 2), f"{m}", fill="grey")
+    draw.text((left, image.height - 16), "simulated minute; green 200, red 429/5xx", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def write_results(text: str, runs: list[Run], scales: dict, args, total_s: float) -> None:
+    """Replace the section between the ``<!-- night -->`` markers of bench/RESULTS.md."""
+    results = ROOT / "bench" / "RESULTS.md"
+    body = results.read_text()
+    begin, end = "<!-- night -->", "<!-- /night -->"
+    command = "bench/night.py " + " ".join(sys.argv[1:])
+    section = "\n".join(
+        [
+            begin,
+            f"Command: `.venv/bin/python {command.strip()}`; {len(runs)} runs in "
+            f"{total_s / 60:.1f} min on {os.cpu_count()} cores ({platform.machine()}), "
+            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
+            f"Prompts per run: {args.prompts}; seeds: {', '.join(map(str, args.seeds))}; "
+            "time scales: " + ", ".join(f"{k} {v:g}" for k, v in scales.items()) + ".",
+            "",
+            text,
+            end,
+        ]
+    )
+    if begin in body and end in body:
+        body = body[: body.index(begin)] + section + body[body.index(end) + len(end) :]
+    else:
+        body += "\n" + section + "\n"
+    results.write_text(body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--scenarios", nargs="+", default=list(scenarios()))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--scale",
+        nargs="+",
+        default=["naive=500", "litellm=30", "imagebatch=30"],
+        help="simulated seconds per wall second, per contender (NAME=SCALE)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="4 prompts, one seed, high scales")
+    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument("--plot", type=Path, help="PNG: requests per minute, overload scenario")
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
+    args = parser.parse_args(argv)
+    scales = {k: float(v) for k, v in (s.split("=") for s in args.scale)}
+    if args.smoke:
+        args.prompts, args.seeds = 4, args.seeds[:1]
+        scales = {"naive": 3000.0, "litellm": 300.0, "imagebatch": 300.0}
+
+    chosen = {n: s for n, s in scenarios().items() if n in args.scenarios}
+    home = Path(tempfile.mkdtemp(prefix="imagebatch-night-"))
+    server, api = (None, None)
+    if "imagebatch" in args.contenders:
+        server, api = start_prefect_server(home)
+    runs: list[Run] = []
+    started = time.perf_counter()
+    try:
+        for name, scenario in chosen.items():
+            for contender in args.contenders:
+                for seed in args.seeds:
+                    work = home / f"{name}-{contender}-{seed}"
+                    run = run_one(
+                        scenario, contender, seed, scales[contender], args.prompts, work, api
+                    )
+                    runs.append(run)
+                    line = {"scenario": name, "contender": contender, "seed": seed}
+                    print(json.dumps({**line, **run.figures}), flush=True)
+                    if args.plot and name == "overload" and seed == args.seeds[0] and run.log:
+                        path = args.plot.with_name(f"{args.plot.stem}-{contender}.png")
+                        title = f"overload, {contender}, seed {seed}: requests per minute"
+                        plot_requests_per_minute(run.log, path, title)
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(30)
+    total = time.perf_counter() - started
+    table = median_rows(runs)
+    text = markdown_table(table)
+    print(text)
+    print(
+        f"\n{len(runs)} runs in {total / 60:.1f} min on {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [{k: v for k, v in r.__dict__.items() if k != "log"} for r in runs], indent=1
+            )
+        )
+    if args.write:
+        write_results(text, runs, scales, args, total)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
