@@ -329,6 +329,20 @@ def test_a_failed_probe_reopens_for_another_interval():
     assert circuit.allow() is None
 
 
+def test_a_slow_failed_probe_does_not_stretch_the_probe_cadence():
+    sim = SimClock()
+    circuit = CircuitBreaker(threshold=1, probe_interval_s=100, clock=sim)
+    circuit.record_failure(circuit.allow(), counts=True)
+    sim.now = 100
+    probe = circuit.allow()
+    assert probe is not None and probe.probe
+    sim.now = 180  # overloaded providers fail slowly: the 503 comes back 80 s later
+    circuit.record_failure(probe, counts=True)
+    assert circuit.state == "open" and circuit.available_in() == 20
+    sim.now = 200  # one interval after the failed probe went out
+    assert circuit.allow().probe
+
+
 def test_errors_that_are_not_outages_reset_the_count():
     circuit = CircuitBreaker(threshold=3)
     for counts in (True, True, False, True, True):

@@ -2,8 +2,10 @@
 
 Closed: calls flow; consecutive overload/unavailability errors are counted. After ``threshold``
 of them the circuit opens: no calls, until ``probe_interval_s`` has passed; then exactly one call
-goes through as a probe (half-open). Its success closes the circuit; its failure opens it again.
-Calls that were already in flight when it opened may still fail; they change nothing.
+goes through as a probe (half-open). Its success closes the circuit; its failure opens it again,
+with the next probe due one interval after the failed one was sent (slow failures, which are the
+usual kind under overload, do not stretch the cadence, so failback comes within one interval of
+recovery). Calls that were already in flight when it opened may still fail; they change nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.generation = 0  # bumps when the circuit opens: tickets from before are stale
         self._probe_out = False
+        self._probe_sent_at = 0.0
 
     def available_in(self) -> float:
         """Seconds until a call could be allowed (0 when closed or a probe is due)."""
@@ -57,6 +60,7 @@ class CircuitBreaker:
         if self._probe_out or self.clock() < self.opened_at + self.probe_interval_s:
             return None
         self._probe_out = True
+        self._probe_sent_at = self.clock()
         self.state = "half-open"
         return Ticket(probe=True, generation=self.generation)
 
@@ -84,8 +88,8 @@ class CircuitBreaker:
         """A failed call; ``counts`` when it says the provider is overloaded or unavailable."""
         if ticket.probe:
             self._probe_out = False
-            if counts:
-                self._open()
+            if counts:  # the next probe one interval after this one went out
+                self._open(since=self._probe_sent_at)
             else:  # the provider answered: it is up, whatever it said about this request
                 self._close()
             return
@@ -105,10 +109,10 @@ class CircuitBreaker:
         self.opened_at = self.clock() - max(0.0, opened_ago)
         self.generation += 1
 
-    def _open(self) -> None:
+    def _open(self, since: float | None = None) -> None:
         was_closed = self.state == "closed"
         self.state = "open"
-        self.opened_at = self.clock()
+        self.opened_at = self.clock() if since is None else since
         self.generation += 1
         if was_closed:  # a failed probe re-opens quietly: the provider never came back
             self.on_change("opened")
