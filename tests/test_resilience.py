@@ -354,7 +354,7 @@ def test_errors_that_are_not_outages_reset_the_count():
 
 
 def test_retry_budget_caps_extra_calls_at_its_ratio():
-    budget = RetryBudget(ratio=0.1, reserve=5)
+    budget = RetryBudget(ratio=0.1, reserve=5, clock=SimClock())  # no time passes
     retries = 0
     for i in range(1000):
         if i % 2:
@@ -363,6 +363,42 @@ def test_retry_budget_caps_extra_calls_at_its_ratio():
             budget.spend()
             retries += 1
     assert retries <= 5 + 0.1 * 500
+
+
+def test_an_empty_retry_budget_comes_back_with_time_so_no_prompt_is_stranded():
+    sim = SimClock()
+    budget = RetryBudget(ratio=0.1, reserve=2, floor_per_s=1 / 60, clock=sim)
+    budget.spend()
+    budget.spend()
+    assert not budget.can_retry() and budget.retry_in() == pytest.approx(60)
+    sim.now = 59
+    assert not budget.can_retry()
+    sim.now = 60
+    assert budget.can_retry()
+
+
+def test_long_hints_pause_the_provider_without_teaching_it_a_lower_quota():
+    """10% of calls get a 429 with a 90 s hint, at random: each pauses the provider (honoured),
+    but a 429 right after a pause must not be read as a lower quota, or the pace collapses."""
+    profile = EmulatorProfile(
+        seed=2,
+        providers={
+            "primary": ProviderProfile(
+                rpm=10, rate_429=0.1, hint_s=90, latency_median_s=45, latency_p99_s=100
+            )
+        },
+    )
+    single = CHAIN.split("  - {name: backup")[0] + "renditions: [{name: o, format: png}]\n"
+    outcomes, log, _, end = night(single, profile, 100, concurrency=40)
+    assert list(outcomes.values()).count("primary") == 100  # the last retries are not stranded
+    hinted = [e for e in log if e.fault.startswith("rate_limited")]
+    assert hinted
+    for h in hinted:  # every hint honoured: nothing started before it ran out
+        assert not any(h.t_sim_s < e.t_sim_s < h.t_sim_s + h.hint_s for e in log if e is not h)
+    # each hint costs 90 s of a provider that makes ~10 calls a minute: it can be busy 40% of
+    # the time at most, so 100 prompts need about 27 minutes at 9.5 RPM
+    bound = 100 / (9.5 * 60 / (60 + 0.1 * 10 * 90)) * 60 + 45
+    assert end <= 1.2 * bound
 
 
 def test_spend_never_exceeds_the_cap_with_reservations_in_flight():

@@ -117,7 +117,9 @@ def build_router(
                 price=prices[name],
                 gate=gate,
                 circuit=circuit,
-                retries=RetryBudget(ratio=config.retry.budget_ratio),
+                retries=RetryBudget(
+                    ratio=config.retry.budget_ratio, floor_per_s=time_scale / 60.0, clock=clock
+                ),
                 daily=daily,
                 key=usage_key(provider),
             )

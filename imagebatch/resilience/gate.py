@@ -60,6 +60,7 @@ class ProviderGate:
         self.rate = self._target()
         self.next_slot = 0.0
         self.paused_until = 0.0
+        self._paused_from = 0.0  # the latest pause, for what it took out of the window
         self._starts: deque[Admission] = deque()
         self._clean_since = clock()
         self._probe_from: float | None = None  # the ceiling before the last try at one more
@@ -171,7 +172,10 @@ class ProviderGate:
 
     def pause(self, seconds: float) -> None:
         """A server hint: no request to this provider starts before ``seconds`` from now."""
-        self.paused_until = max(self.paused_until, self.clock() + seconds)
+        now = self.clock()
+        if self.paused_until <= now:
+            self._paused_from = now
+        self.paused_until = max(self.paused_until, now + seconds)
         self.next_slot = self.paused_until  # waiting requests claim their slots again from here
         self._new_epoch()
 
@@ -209,17 +213,26 @@ class ProviderGate:
     def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
         """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""
         now = self.clock()
+        window_start = now - self._window()
+        # the share of the last window an earlier hint kept us paused: we sent less then by
+        # choice, so only a 429 well under the quota for the rest of the window teaches one
+        paused = max(0.0, min(self.paused_until, now) - max(self._paused_from, window_start))
+        open_share = 1.0 - paused / self._window()
         if retry_after is not None:
             self.pause(retry_after)
         if admission is not None:
             admission.admitted = False
-        window_start = now - self._window()
         admitted = sum(1 for a in self._starts if a.admitted and window_start < a.started <= now)
         limit = self.ceiling if self.ceiling is not None else self.configured_rpm
+        # a per-minute quota frees a slot within the window: a longer hint says "back off",
+        # not "your quota is lower", so it pauses the provider and teaches no ceiling
+        long_hint = retry_after is not None and retry_after > self._window()
         if self._probe_from is not None:  # one more per minute was too many: back to before
             self.ceiling, self._probe_from = self._probe_from, None
             self.rate = self._target()
-        elif limit is not None and self.rate is not None and admitted < limit - 1:
+        elif long_hint:
+            pass
+        elif limit is not None and self.rate is not None and admitted < limit * open_share - 1:
             # the server let ``admitted`` through in the last minute: its real ceiling, near enough
             # (with the window as full as we fill it, a 429 is arrival jitter, not a lower quota)
             self.ceiling = max(self.settings.min_rpm, float(admitted), self.rate * 0.5)

@@ -189,7 +189,11 @@ class Router:
     def _wait_for_any(self, prompt: Any) -> float | None:
         """Seconds until some usable provider could take this prompt, or None if none ever."""
         waits = [
-            max(lane.circuit.available_in(), lane.gate.paused_for(), 0.0)
+            max(
+                lane.circuit.available_in(),
+                lane.gate.paused_for(),
+                lane.retries.retry_in() if self._streaks[(prompt.id, lane.name)] else 0.0,
+            )
             for lane in self.lanes
             if self._usable(lane)
         ]
