@@ -61,11 +61,13 @@ class Scenario:
     real_primary_rpm: float = PRIMARY_RPM
     #: (start, end) simulated seconds of the window in which the primary cannot serve
     window: tuple[float, float] | None = None
+    #: the share of the time the primary may be called when every hint is honoured
+    primary_duty: float = 1.0
     notes: str = ""
 
     def rate_at(self, t: float) -> float:
         """Requests per second the providers can really serve at simulated second ``t``."""
-        primary = self.real_primary_rpm
+        primary = self.real_primary_rpm * self.primary_duty
         if self.window and self.window[0] <= t < self.window[1]:
             primary = 0.0
         return (primary + BACKUP_RPM) / 60.0
@@ -112,6 +114,8 @@ def scenarios() -> dict[str, Scenario]:
                 "long-hints",
                 ProviderProfile(rpm=PRIMARY_RPM, rate_429=0.1, hint_s=90.0, **LATENCY),
                 backup,
+                # at full pace a hint comes once a minute and stops the primary for 90 s
+                primary_duty=60 / (60 + 0.1 * PRIMARY_RPM * 90),
                 notes="10% of primary calls get a 429 with a 90 s retry hint",
             ),
             Scenario(
@@ -292,7 +296,16 @@ def run_one(
     row["CPU s"] = round(result["cpu_s"], 1)
     row["busy share of the run"] = round(result["cpu_s"] / wall, 3) if wall else None
     row["peak RSS (MiB)"] = result.get("rss_mib")
-    return Run(scenario.name, contender, seed, scale, row, log)
+    return Run(scenario.name, contender, seed, scale, derive(row), log)
+
+
+def derive(row: dict) -> dict:
+    """Figures computed from others: the orchestration's CPU as a share of the makespan, i.e.
+    what its own work would take of a night at real speed (the CPU time does not scale)."""
+    makespan = row.get("makespan (sim min)")
+    if makespan and row.get("CPU s") is not None:
+        row["orchestration CPU / makespan"] = round(row["CPU s"] / (makespan * 60), 4)
+    return row
 
 
 def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -368,6 +381,7 @@ COLUMNS = [
     ("failback after (sim s)", "failback (s)", "{:g}"),
     ("hints honoured", "hints honoured", "{:.0%}"),
     ("cost per 1,000 images (USD)", "USD / 1,000", "{:.2f}"),
+    ("orchestration CPU / makespan", "CPU / makespan", "{:.1%}"),
     ("busy share of the run", "busy share", "{:.0%}"),
     ("CPU s", "CPU s", "{:g}"),
     ("wall s", "wall s", "{:g}"),
@@ -463,14 +477,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale",
         nargs="+",
-        default=["naive=500", "litellm=30", "imagebatch=30"],
+        default=["naive=500", "litellm=40", "imagebatch=40"],
         help="simulated seconds per wall second, per contender (NAME=SCALE)",
     )
     parser.add_argument("--smoke", action="store_true", help="4 prompts, one seed, high scales")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     parser.add_argument("--plot", type=Path, help="PNG: requests per minute, overload scenario")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument(
+        "--table-from",
+        type=Path,
+        nargs="+",
+        help="only print the table of --json files (a later file's runs replace an earlier's)",
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        merged: dict[tuple, Run] = {}
+        for path in args.table_from:
+            for r in json.loads(path.read_text()):
+                run = Run(**{**r, "figures": derive(r["figures"])})
+                merged[(run.scenario, run.contender, run.seed)] = run
+        print(markdown_table(median_rows(list(merged.values()))))
+        return 0
     scales = {k: float(v) for k, v in (s.split("=") for s in args.scale)}
     if args.smoke:
         args.prompts, args.seeds = 4, args.seeds[:1]
