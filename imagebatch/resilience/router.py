@@ -192,7 +192,7 @@ class Router:
             max(
                 lane.circuit.available_in(),
                 lane.gate.paused_for(),
-                lane.retries.retry_in() if self._streaks[(prompt.id, lane.name)] else 0.0,
+                lane.retries.retry_in() if self._streaks.get((prompt.id, lane.name)) else 0.0,
             )
             for lane in self.lanes
             if self._usable(lane)
