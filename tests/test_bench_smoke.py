@@ -75,3 +75,50 @@ def test_every_scenario_runs_and_yields_its_figures(tmp_path):
             assert set(WINDOWED) <= set(figures), run
     for contender in ("naive", "imagebatch"):
         assert (tmp_path / f"overload-{contender}.png").stat().st_size > 1000
+
+
+def test_runs_at_once_keep_each_contenders_cap_and_a_failure_stops_nothing():
+    """bench/night.py runs several nights at once: at most ``caps[contender]`` of a kind, and a
+    run that fails is reported while the others finish (pure scheduling, no emulator)."""
+    import threading
+
+    from bench.night import Run, run_jobs
+
+    lock = threading.Lock()
+    active = {"imagebatch": 0, "naive": 0}
+    most = {"imagebatch": 0, "naive": 0}
+    # the two naive runs must be in flight together, or this barrier times out
+    together = threading.Barrier(2, timeout=30)
+
+    def work(job):
+        scenario, contender, seed = job
+        with lock:
+            active[contender] += 1
+            most[contender] = max(most[contender], active[contender])
+        try:
+            if contender == "naive":
+                together.wait()
+            if seed == 13:
+                raise RuntimeError("the server went away")
+            return Run(scenario, contender, seed, 1.0)
+        finally:
+            with lock:
+                active[contender] -= 1
+
+    jobs = [("steady", "imagebatch", s) for s in (1, 2, 13)] + [
+        ("steady", "naive", s) for s in (1, 2)
+    ]
+    finished = []
+    runs, failures = run_jobs(jobs, work, slots=3, caps={"imagebatch": 1}, done=finished.append)
+
+    assert most == {"imagebatch": 1, "naive": 2}
+    assert sorted((r.contender, r.seed) for r in runs) == [
+        ("imagebatch", 1),
+        ("imagebatch", 2),
+        ("naive", 1),
+        ("naive", 2),
+    ]
+    assert finished == runs
+    assert [(job, str(exc)) for job, exc in failures] == [
+        (("steady", "imagebatch", 13), "the server went away")
+    ]

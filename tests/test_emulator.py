@@ -91,6 +91,24 @@ def test_overload_windows_use_simulated_time_and_raise_latency_before():
     assert _ask(emulator).fault == "ok"
 
 
+def test_a_night_can_start_at_the_first_request_instead_of_the_reset():
+    """A benchmark resets the emulator when its client is ready; a client slow to make its
+    first call (a busy Prefect server) must not see the outage come earlier in its night."""
+    clock = FakeClock()
+    window = Window(start_s=300, duration_s=600)
+    emulator = _emulator(clock, scale=10, outage_windows=[window])
+    emulator.reset(at_first_request=True)
+    assert emulator.sim_now() == 0.0
+    clock.now += 40.0  # 400 simulated seconds before the first call
+    assert _ask(emulator).fault == "ok" and emulator.log[0].t_sim_s == 0.0
+    clock.now += 31.0  # 310 s after the first call: the outage has begun
+    assert _ask(emulator).fault == "overloaded" and emulator.log[1].t_sim_s == pytest.approx(310)
+
+    emulator.reset()  # the default: the clock starts at the reset
+    clock.now += 40.0
+    assert _ask(emulator).fault == "overloaded"
+
+
 def test_same_seed_same_faults_and_latencies():
     fields = {"overload_rate": 0.3, "rate_429": 0.1, "latency_median_s": 30, "latency_p99_s": 100}
 

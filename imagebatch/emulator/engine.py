@@ -79,10 +79,12 @@ class Emulator:
     def default_provider(self) -> str:
         return next(iter(self.profile.providers))
 
-    def reset(self) -> None:
-        """Forget counts, windows and the log; simulated time starts again at 0."""
+    def reset(self, *, at_first_request: bool = False) -> None:
+        """Forget counts, windows and the log; simulated time starts again at 0, now or, with
+        ``at_first_request``, when the next request arrives (a benchmark's night begins with
+        its first call, however long the client took to start)."""
         with self._lock:
-            self._t0 = self.clock()
+            self._t0: float | None = None if at_first_request else self.clock()
             self._states = {
                 name: _ProviderState(
                     p, random.Random(self.profile.seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -101,8 +103,8 @@ class Emulator:
             return state.profile
 
     def sim_now(self) -> float:
-        """Simulated seconds since the start (or the last reset)."""
-        return (self.clock() - self._t0) * self.scale
+        """Simulated seconds since the start (or the last reset); 0 until it starts."""
+        return 0.0 if self._t0 is None else (self.clock() - self._t0) * self.scale
 
     def decide(
         self, provider: str, *, wire: str, model: str, prompt: str, api_key: str | None
@@ -112,6 +114,8 @@ class Emulator:
             state = self._states[provider]
             state.count += 1
             now = self.clock()
+            if self._t0 is None:
+                self._t0 = now
             t_sim = (now - self._t0) * self.scale
             p = state.profile
             fault, hint, quota = self._fault(state, now, t_sim, model, prompt, api_key)
