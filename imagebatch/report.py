@@ -109,13 +109,13 @@ def report_links(
     """
     if not expires_s:
         return ReportLinks()
-    try:
-        sink.signed_url(manifest_uri, expires_s)
+    try:  # the manifest's link first: it tells whether these credentials can sign at all
+        manifest_link = sink.signed_url(manifest_uri, expires_s)
     except StorageError as exc:
         return ReportLinks(note=f"Signed links were not made: {exc}. Links open the console.")
     until = (now or datetime.now(UTC)) + timedelta(seconds=expires_s)
     return ReportLinks(
-        link=lambda uri: sink.signed_url(uri, expires_s),
+        link=lambda uri: manifest_link if uri == manifest_uri else sink.signed_url(uri, expires_s),
         note=f"Links are signed URLs valid until {until:%Y-%m-%d %H:%M} UTC: anyone holding "
         "one can download the object until then, so share the report accordingly.",
         signed=True,

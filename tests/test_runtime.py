@@ -214,3 +214,27 @@ def test_report_links_open_the_cloud_console_for_gcs_and_files_as_they_are():
     assert f"Images: [gs://shop/site/n1/]({console}/shop/site/n1/)" in gcs
     local = markdown_report(summary("file:///out/n1/manifest.jsonl"), [])
     assert "(file:///out/n1/manifest.jsonl)" in local and "(file:///out/n1/)" in local
+
+
+def test_signed_report_links_sign_the_manifest_once():
+    """The first signature tells whether the credentials can sign; the report reuses it."""
+    from imagebatch.batch import BatchSummary
+    from imagebatch.report import markdown_report, report_links
+
+    class CountingSink:
+        def __init__(self) -> None:
+            self.signed: list[str] = []
+
+        def signed_url(self, uri: str, expires_s: int) -> str:
+            self.signed.append(uri)
+            return f"https://signed.example/{uri.removeprefix('gs://')}?expires={expires_s}"
+
+    sink = CountingSink()
+    manifest = "gs://shop/site/n1/manifest.jsonl"
+    links = report_links(sink, 3600, manifest)  # type: ignore[arg-type]
+    summary = BatchSummary(
+        batch_id="n1", total=0, manifest_uri=manifest, outcome="completed", message="ok"
+    )
+    report = markdown_report(summary, [], links)
+    assert "(https://signed.example/shop/site/n1/manifest.jsonl?expires=3600)" in report
+    assert sink.signed == [manifest]
