@@ -292,3 +292,26 @@ def test_the_run_form_can_set_its_own_deadline(batch, scripted):
     assert state.is_failed() and (summary.skipped, calls) == (2, [])
     record = json.loads((out / "deadline-1" / "manifest.jsonl").read_text().splitlines()[0])
     assert record["status"] == "skipped" and "deadline" in record["error"]
+
+
+def test_a_settled_prompt_leaves_nothing_in_prefects_result_map(batch, monkeypatch):
+    """Prefect maps every task result of a flow run to its state for the run's whole life; the
+    flow drops a prompt's entries once it is settled, so memory does not grow with the batch."""
+    from prefect.context import FlowRunContext
+
+    import flows.nightly_batch as module
+
+    linked_runs: list[set] = []
+    publish_report = module.publish_report
+
+    async def count_then_report(*args, **kwargs):
+        links = FlowRunContext.get().run_results.values()
+        linked_runs.append({state.state_details.task_run_id for state, _, _ in links})
+        return await publish_report(*args, **kwargs)
+
+    monkeypatch.setattr(module, "publish_report", count_then_report)
+    state, _ = batch({f"p{i:02d}": f"a red chair, angle {i}" for i in range(24)})
+    assert state.is_completed() and state.result().succeeded == 24
+    # left: the batch-level task runs' results (config, prompts, manifest), none of the 72
+    # generate, process and publish runs
+    assert len(linked_runs) == 1 and 0 < len(linked_runs[0]) <= 6, linked_runs
