@@ -256,3 +256,23 @@ def test_providers_share_one_logical_quota_across_wire_formats(emulator):
     with pytest.raises(errors.RateLimited):
         _run("stability", server.url)
     assert _log(server)["providers"]["primary"]["statuses"] == {"200": 2, "429": 1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_adapter_says_when_its_request_really_leaves(kind, emulator):
+    # the gate counts a request against the quota from this moment (imagebatch.wire): once per
+    # call, before the provider answers (which takes 0.3 s here), never after
+    from imagebatch.wire import on_request_sent
+
+    server = emulator(latency_median_s=0.3, image_px=32)
+    sent: list[float] = []
+
+    async def call() -> float:
+        with on_request_sent(lambda: sent.append(time.monotonic())):
+            await _generate(_provider(kind, server.url), Prompt(id="p", prompt="a red mug"))
+        return time.monotonic()
+
+    answered = asyncio.run(call())
+    assert len(sent) == 1
+    assert answered - sent[0] >= 0.29
+    assert _log(server)["providers"]["primary"]["statuses"] == {"200": 1}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,6 +24,7 @@ from imagebatch.resilience import (
     SpendCap,
     build_router,
 )
+from imagebatch.wire import request_sent
 from tests.simclock import SimClock
 
 # ---------------------------------------------------------------- gate
@@ -57,6 +60,31 @@ def test_no_minute_ever_holds_more_requests_than_the_rate_allows():
     gaps = [b - a for a, b in zip(sorted(starts), sorted(starts)[1:], strict=False)]
     assert min(gaps) == pytest.approx(60 / 9.5)  # evenly spaced at 95% of the quota: no burst
     assert max(starts) <= 119 * 60 / 9.5 + 1e-6  # and no slower than that
+
+
+def test_a_call_that_leaves_late_moves_the_ones_claimed_after_it():
+    # the first call creates its client and leaves 4 s after the gate let it go; the slots
+    # claimed meanwhile assumed it left on time: the 11th would share its minute
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=10, max_in_flight=50), clock=sim, sleep=sim.sleep)
+    sent: list[float] = []
+
+    async def one(i: int) -> None:
+        admission = await gate.acquire()
+        if i == 0:
+            await sim.sleep(4)
+        gate.mark_sent(admission)
+        sent.append(sim())
+        await sim.sleep(45)
+        gate.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(one(i) for i in range(40)))
+
+    sim.run(many())
+    assert len(sent) == 40
+    assert _starts_in_any_window(sent) <= 10
+    assert max(sent) <= 39 * 60 / 9.5 + 4 + 1e-6  # only the late call's delay is lost
 
 
 def test_a_90_second_hint_delays_every_request_of_the_provider():
@@ -149,8 +177,18 @@ FAULT_ERRORS = {
 }
 
 
-def night(config_text: str, profile: EmulatorProfile, prompts: int, *, concurrency: int = 16):
-    """Run ``prompts`` through the router against the emulator's engine, in simulated time."""
+def night(
+    config_text: str,
+    profile: EmulatorProfile,
+    prompts: int,
+    *,
+    concurrency: int = 16,
+    leaves_after: Callable[[str, int], float] = lambda provider, n: 0.0,
+):
+    """Run ``prompts`` through the router against the emulator's engine, in simulated time.
+
+    ``leaves_after(provider, n)``: how long the ``n``-th call to ``provider`` takes between
+    the gate and the wire (a client created on a first call, a busy event loop)."""
     sim = SimClock()
     emulator = Emulator(profile, clock=sim)
     config = parse_config(config_text, source="test")
@@ -165,7 +203,12 @@ def night(config_text: str, profile: EmulatorProfile, prompts: int, *, concurren
     )
     outcomes: dict[str, str] = {}
 
+    calls: dict[str, int] = defaultdict(int)
+
     async def call(prompt: Prompt, name: str) -> str:
+        calls[name] += 1
+        await sim.sleep(leaves_after(name, calls[name]))
+        request_sent()
         decision = emulator.decide(
             name, wire="gemini", model="m", prompt=prompt.prompt, api_key=None
         )
@@ -237,6 +280,23 @@ def test_with_the_quota_as_configured_no_call_gets_a_429():
     _, log, _, _ = night(config, profile, 200)
     calls, limited, ok = _stats(log, "primary")
     assert limited == 0 and ok == 200 == len(calls)
+
+
+def test_a_first_call_that_leaves_late_costs_no_429():
+    # each provider's first call leaves 4 s after its slot; the quota counts from its arrival
+    profile = EmulatorProfile(
+        providers={
+            "primary": ProviderProfile(rpm=10, latency_median_s=40, latency_p99_s=90),
+            "backup": ProviderProfile(rpm=5, latency_median_s=30, latency_p99_s=80),
+        }
+    )
+    config = CHAIN + "routing: {spill_over_s: 60}\n"
+    outcomes, log, _, _ = night(
+        config, profile, 200, concurrency=40, leaves_after=lambda p, n: 4.0 if n == 1 else 0.0
+    )
+    assert len(outcomes) == 200 and set(outcomes.values()) == {"primary", "backup"}
+    assert [e.fault for e in log if e.fault != "ok"] == []
+    assert len(log) == 200
 
 
 def test_overload_window_fails_over_then_back_with_few_extra_calls():

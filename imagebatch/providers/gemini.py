@@ -30,6 +30,7 @@ from imagebatch.errors import (
 from imagebatch.models import Prompt
 from imagebatch.providers._errors import google_error, require_key, transport_error
 from imagebatch.providers.base import ImageProvider, RawImage
+from imagebatch.wire import httpx_request_hook
 
 __all__ = ["GeminiProvider", "VertexGeminiProvider"]
 
@@ -74,7 +75,8 @@ class GeminiProvider(ImageProvider):
         if self._client is None:
             timeout = self.config.timeout_s
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0))
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                event_hooks={"request": [httpx_request_hook]},  # when it really leaves
             )
             options = types.HttpOptions(
                 base_url=self.config.base_url,

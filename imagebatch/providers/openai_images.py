@@ -23,6 +23,7 @@ from imagebatch.providers._errors import (
     transport_error,
 )
 from imagebatch.providers.base import ImageProvider, RawImage
+from imagebatch.wire import httpx_request_hook
 
 __all__ = ["OpenAIImagesProvider"]
 
@@ -56,7 +57,14 @@ class OpenAIImagesProvider(ImageProvider):
             if base_url and not base_url.rstrip("/").endswith("/v1"):
                 base_url = base_url.rstrip("/") + "/v1"
             self._client = openai.AsyncOpenAI(
-                api_key=key, base_url=base_url, max_retries=0, timeout=self.config.timeout_s
+                api_key=key,
+                base_url=base_url,
+                max_retries=0,
+                timeout=self.config.timeout_s,
+                # the SDK's own client settings, plus a hook for when a request really leaves
+                http_client=openai.DefaultAsyncHttpxClient(
+                    event_hooks={"request": [httpx_request_hook]}
+                ),
             )
         return self._client
 

@@ -17,6 +17,7 @@ from imagebatch.providers._errors import (
     transport_error,
 )
 from imagebatch.providers.base import ImageProvider, RawImage
+from imagebatch.wire import httpx_request_hook
 
 __all__ = ["StabilityProvider"]
 
@@ -59,6 +60,7 @@ class StabilityProvider(ImageProvider):
                 base_url=self.config.base_url or DEFAULT_BASE_URL,
                 headers={"authorization": f"Bearer {key}", "accept": "image/*"},
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                event_hooks={"request": [httpx_request_hook]},  # when it really leaves
             )
         return self._client
 

@@ -29,6 +29,7 @@ from imagebatch.errors import (
 from imagebatch.models import Prompt
 from imagebatch.providers._errors import error_for_status, google_error, transport_error
 from imagebatch.providers.base import ImageProvider, RawImage
+from imagebatch.wire import request_sent
 
 __all__ = ["VertexEndpointProvider"]
 
@@ -96,6 +97,7 @@ class VertexEndpointProvider(ImageProvider):
 
         def call() -> Any:
             endpoint = self._get_endpoint()
+            request_sent()  # its client is ready: the request leaves now
             return endpoint.predict(
                 instances=[instance],
                 parameters=parameters,

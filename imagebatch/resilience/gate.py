@@ -96,9 +96,12 @@ class ProviderGate:
         while self._starts and self._starts[0].started <= now - self._window():
             self._starts.popleft()
         if allowed is not None:
-            claimed = [a for a in self._starts if a.admitted and a.started > start - self._window()]
+            # sorted: a call that left late (mark_sent) moved its start after later claims
+            claimed = sorted(
+                a.started for a in self._starts if a.admitted and a.started > start - self._window()
+            )
             if len(claimed) >= allowed:
-                start = max(start, claimed[-allowed].started + self._window() + 1e-6)
+                start = max(start, claimed[-allowed] + self._window() + 1e-6)
         return start
 
     def start_in(self) -> float:
@@ -132,12 +135,20 @@ class ProviderGate:
             while True:
                 epoch = self._epoch
                 admission = self.reserve()
-                while self.clock() < admission.started and epoch == self._epoch:
-                    if abandon():
-                        admission.admitted = False
-                        self._in_flight.release()
-                        return None
-                    await self.sleep(min(admission.started - self.clock(), check_every))
+                while True:
+                    while self.clock() < admission.started and epoch == self._epoch:
+                        if abandon():
+                            admission.admitted = False
+                            self._in_flight.release()
+                            return None
+                        await self.sleep(min(admission.started - self.clock(), check_every))
+                    # the slot was claimed when earlier calls were only planned: if one of them
+                    # left late (see mark_sent), wait until the window has room by real times
+                    clear_at = self._window_clear_at(admission)
+                    if epoch != self._epoch or clear_at <= self.clock():
+                        break
+                    admission.started = clear_at
+                    self.next_slot = max(self.next_slot, clear_at + self.interval())
                 if self.clock() >= self.paused_until and epoch == self._epoch:
                     break
                 # a hint or a lesson (429, 503) arrived meanwhile: claim a slot under the new pace
@@ -152,6 +163,29 @@ class ProviderGate:
         admission.started = self.clock()
         admission.waited_s = admission.started - began
         return admission
+
+    def _window_clear_at(self, admission: Admission) -> float:
+        """When ``admission`` may start with no more than the allowed starts in any window,
+        counting the starts that have happened (at the times they really left) and claims due
+        by now."""
+        now = self.clock()
+        allowed = self._allowed_in_window()
+        if allowed is None:
+            return now
+        window = self._window()
+        gone = sorted(
+            a.started
+            for a in self._starts
+            if a.admitted and a is not admission and now - window < a.started <= now
+        )
+        if len(gone) < allowed:
+            return now
+        return gone[-allowed] + window + 1e-6
+
+    def mark_sent(self, admission: Admission) -> None:
+        """The request admitted by ``admission`` is leaving now (``imagebatch.wire``): it
+        counts against the window from now, not from when the gate let it go."""
+        admission.started = max(admission.started, self.clock())
 
     def restore_ceiling(self, ceiling_rpm: float) -> None:
         """Start at a ceiling an earlier run learned (it is probed up again as usual)."""

@@ -42,6 +42,7 @@ from imagebatch.resilience.daily import DailyAllowance
 from imagebatch.resilience.gate import ProviderGate
 from imagebatch.resilience.health import CEILING_TTL_S, ProviderHealth
 from imagebatch.resilience.shared import NoSharedLimits, SharedLimits
+from imagebatch.wire import on_request_sent
 
 __all__ = ["AttemptInfo", "Lane", "Router"]
 
@@ -324,7 +325,9 @@ class Router:
             async with self.shared.slot(lane.name):
                 waited = admission.waited_s + (self.clock() - started)
                 started = self.clock()
-                result = await call(lane.name)
+                # the provider's HTTP client says when the request really leaves
+                with on_request_sent(lambda: lane.gate.mark_sent(admission)):
+                    result = await call(lane.name)
         except ProviderError as exc:
             self.spend.settle(price, charged=False)
             self._record(prompt, lane, waited, started, exc, ticket.probe)

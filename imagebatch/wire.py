@@ -1,0 +1,43 @@
+"""The moment a request really leaves, for the gate that paced it.
+
+A provider counts a request against its per-minute quota when it arrives, not when imagebatch's
+gate let it go. Between the two lie creating the SDK's client on a first call, the SDK's own
+work and a busy event loop: a first call that leaves a few seconds late and an eleventh call
+that leaves on time land in the same minute, and the eleventh gets a 429. So the router sets a
+hook for the call it makes (a context variable: concurrent calls each see their own) and each
+provider's HTTP client calls :func:`request_sent` as the request goes out; the gate counts that
+moment, not the admission, against the provider's window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+__all__ = ["httpx_request_hook", "on_request_sent", "request_sent"]
+
+_HOOK: ContextVar[Callable[[], None] | None] = ContextVar("imagebatch_request_sent", default=None)
+
+
+@contextmanager
+def on_request_sent(hook: Callable[[], None]) -> Iterator[None]:
+    """Within this block, :func:`request_sent` calls ``hook`` (in this task and its threads)."""
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
+
+
+def request_sent() -> None:
+    """A provider's request is leaving now (no-op outside :func:`on_request_sent`)."""
+    hook = _HOOK.get()
+    if hook is not None:
+        hook()
+
+
+async def httpx_request_hook(request: Any) -> None:
+    """For ``httpx.AsyncClient(event_hooks={"request": [httpx_request_hook]})``."""
+    request_sent()
