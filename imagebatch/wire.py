@@ -38,6 +38,26 @@ def request_sent() -> None:
         hook()
 
 
+#: httpcore's trace events (httpx and openai's httpx2 alike) once a request's last byte is written
+_WRITTEN = ("http11.send_request_body.complete", "http2.send_request_body.complete")
+
+
 async def httpx_request_hook(request: Any) -> None:
-    """For ``httpx.AsyncClient(event_hooks={"request": [httpx_request_hook]})``."""
-    request_sent()
+    """For ``httpx.AsyncClient(event_hooks={"request": [httpx_request_hook]})``.
+
+    The hook runs before httpx connects and writes; a busy event loop in between (Prefect
+    creating task runs) would hide the delay, so it asks httpcore to say when the request's
+    last byte is on the socket (its ``trace`` extension) and calls the router's hook then.
+    """
+    hook = _HOOK.get()
+    if hook is None:
+        return
+    earlier = request.extensions.get("trace")
+
+    async def trace(name: str, info: dict[str, Any]) -> None:
+        if earlier is not None:
+            await earlier(name, info)
+        if name in _WRITTEN:
+            hook()
+
+    request.extensions["trace"] = trace

@@ -276,3 +276,33 @@ def test_each_adapter_says_when_its_request_really_leaves(kind, emulator):
     assert len(sent) == 1
     assert answered - sent[0] >= 0.29
     assert _log(server)["providers"]["primary"]["statuses"] == {"200": 1}
+
+
+def test_the_request_counts_as_sent_once_its_last_byte_is_written(emulator):
+    # a request hook runs before httpx connects and writes: a busy event loop in between would
+    # hide the delay, so the moment reported is httpcore's "request body written" event (and a
+    # trace the caller had set still sees every event)
+    from imagebatch.wire import httpx_request_hook, on_request_sent
+
+    server = emulator(image_px=32)
+    events: list[str] = []
+    seen_when_sent: list[list[str]] = []
+
+    async def earlier_trace(name: str, info: dict) -> None:
+        events.append(name)
+
+    async def set_trace(request: httpx.Request) -> None:
+        request.extensions["trace"] = earlier_trace
+
+    async def call() -> None:
+        hooks = {"request": [set_trace, httpx_request_hook]}
+        async with httpx.AsyncClient(event_hooks=hooks) as client:
+            with on_request_sent(lambda: seen_when_sent.append(list(events))):
+                response = await client.get(f"{server.url}/_emulator/log")
+        assert response.status_code == 200
+
+    asyncio.run(call())
+    assert len(seen_when_sent) == 1
+    assert seen_when_sent[0][-1] == "http11.send_request_body.complete"
+    assert "http11.receive_response_headers.started" not in seen_when_sent[0]
+    assert "http11.receive_response_headers.complete" in events  # the earlier trace saw it all

@@ -84,7 +84,8 @@ def test_a_call_that_leaves_late_moves_the_ones_claimed_after_it():
     sim.run(many())
     assert len(sent) == 40
     assert _starts_in_any_window(sent) <= 10
-    assert max(sent) <= 39 * 60 / 9.5 + 4 + 1e-6  # only the late call's delay is lost
+    # only the late call's delay is lost (and the gate's 1 s allowance for arrival jitter)
+    assert max(sent) <= 39 * 60 / 9.5 + 4 + 1 + 1e-6
 
 
 def test_a_90_second_hint_delays_every_request_of_the_provider():
