@@ -88,6 +88,27 @@ def test_a_call_that_leaves_late_moves_the_ones_claimed_after_it():
     assert max(sent) <= 39 * 60 / 9.5 + 4 + 1 + 1e-6
 
 
+def test_a_429_answered_late_with_the_window_full_teaches_no_lower_quota():
+    # ten calls fill the minute; the eleventh is refused, and the refusal takes 15 s to come
+    # back: the provider counted the minute before the request reached it, which was full
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=10, max_in_flight=50), clock=sim, sleep=sim.sleep)
+
+    async def night() -> None:
+        for _ in range(10):
+            gate.mark_sent(await gate.acquire())
+            gate.release()
+        admission = await gate.acquire()
+        gate.mark_sent(admission)
+        await sim.sleep(15)
+        gate.release()
+        gate.on_rate_limited(admission, None)
+
+    sim.run(night())
+    assert gate.ceiling is None
+    assert gate.rate == pytest.approx(9.5)
+
+
 def test_a_90_second_hint_delays_every_request_of_the_provider():
     sim = SimClock(start=1000.0)
     gate = ProviderGate(GateSettings(rpm=600, max_in_flight=10), clock=sim, sleep=sim.sleep)

@@ -97,7 +97,8 @@ class ProviderGate:
         """When a start claimed now would go: after the pace, any pause and the window."""
         start = max(now, self.next_slot, self.paused_until)
         allowed = self._allowed_in_window()
-        while self._starts and self._starts[0].started <= now - self._window():
+        # kept for two windows: a 429 answered late looks back one window from when it was sent
+        while self._starts and self._starts[0].started <= now - 2 * self._window():
             self._starts.popleft()
         if allowed is not None:
             # sorted: a call that left late (mark_sent) moved its start after later claims
@@ -251,16 +252,19 @@ class ProviderGate:
     def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
         """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""
         now = self.clock()
-        window_start = now - self._window()
+        # the provider counted the minute before this request reached it, not before its answer
+        # came back: a window ending at the answer would miss the earliest calls it counted
+        sent = now if admission is None else min(admission.started, now)
+        window_start = sent - self._window()
         # the share of the last window an earlier hint kept us paused: we sent less then by
         # choice, so only a 429 well under the quota for the rest of the window teaches one
-        paused = max(0.0, min(self.paused_until, now) - max(self._paused_from, window_start))
+        paused = max(0.0, min(self.paused_until, sent) - max(self._paused_from, window_start))
         open_share = 1.0 - paused / self._window()
         if retry_after is not None:
             self.pause(retry_after)
         if admission is not None:
             admission.admitted = False
-        admitted = sum(1 for a in self._starts if a.admitted and window_start < a.started <= now)
+        admitted = sum(1 for a in self._starts if a.admitted and window_start < a.started <= sent)
         limit = self.ceiling if self.ceiling is not None else self.configured_rpm
         # a per-minute quota frees a slot within the window: a longer hint says "back off",
         # not "your quota is lower", so it pauses the provider and teaches no ceiling
