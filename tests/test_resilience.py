@@ -552,6 +552,40 @@ def _attempt(router, sim, prompt, script):
         return exc, calls
 
 
+def test_a_successful_probe_resumes_at_a_quarter_of_the_pace_doubling_with_each_success():
+    # a probe may succeed by luck in the middle of an overload: a full pace at once would send
+    # a dozen calls into it before three failures came back and opened the circuit again
+    text = CHAIN.split("  - {name: backup")[0] + (
+        "renditions: [{name: o, format: png}]\n"
+        "routing: {failover_after: 3, probe_interval_s: 300}\n"
+    )
+    router, sim, _ = _router(text)
+    gate = router.lanes[0].gate
+    for i in range(3):
+        _attempt(
+            router,
+            sim,
+            Prompt(id=f"f{i}", prompt="x"),
+            lambda n, k: errors.ProviderOverloaded("503"),
+        )
+    assert router.lanes[0].circuit.state == "open"
+    sim.now += 300
+    assert _attempt(router, sim, Prompt(id="probe", prompt="x"), lambda n, k: n)[0] == "primary"
+    assert router.lanes[0].circuit.state == "closed"
+    rates = [gate.rate]
+    for i in range(3):
+        assert (
+            _attempt(router, sim, Prompt(id=f"ok{i}", prompt="x"), lambda n, k: n)[0] == "primary"
+        )
+        rates.append(gate.rate)
+    assert rates == pytest.approx([9.5 / 4, 9.5 / 2, 9.5, 9.5])
+    # a 503 meanwhile ends the doubling: the pace comes back additively after it
+    gate.slow_start()
+    gate.on_overload()
+    gate.on_success()
+    assert gate.rate == pytest.approx(9.5 / 4 + 0.95)
+
+
 def test_router_orders_by_priority_or_price_with_the_prompts_preference_first():
     router, _, _ = _router(CHAIN)
     plain, preferring = Prompt(id="a", prompt="x"), Prompt(id="b", prompt="x", provider="backup")

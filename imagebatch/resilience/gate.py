@@ -69,6 +69,7 @@ class ProviderGate:
         self._clean_since = clock()
         self._probe_from: float | None = None  # the ceiling before the last try at one more
         self._epoch = 0  # bumped when the pace changes for the worse: waiting slots re-claim
+        self._slow_start = False  # after a successful probe: the rate doubles per success
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
 
     # ------------------------------------------------------------------ admission
@@ -234,8 +235,12 @@ class ProviderGate:
         target = self._target()
         if target is None:
             return
-        if self.rate is not None and self.rate < target:  # recover additively after overload
-            self.rate = min(target, self.rate + max(0.5, target * 0.1))
+        if self.rate is not None and self.rate < target:
+            if self._slow_start:  # back from an open circuit: double with each success
+                self.rate = min(target, self.rate * 2)
+            else:  # recover additively after overload
+                self.rate = min(target, self.rate + max(0.5, target * 0.1))
+            self._slow_start = self._slow_start and self.rate < target
         probe_after = self.settings.probe_up_after_s / self.settings.time_scale
         if self.ceiling is not None and now - self._clean_since >= probe_after:
             self._probe_from = self.ceiling
@@ -245,9 +250,21 @@ class ProviderGate:
                 self.ceiling = None
             self.rate = self._target()
 
-    def restore_pace(self) -> None:
-        """The provider recovered (a probe succeeded): back to the target rate."""
-        self.rate = self._target()
+    def slow_start(self) -> None:
+        """A probe succeeded: the provider may be back, or only lucky once in an overload.
+        Resume at the overload floor (a quarter of the target) and double with each success,
+        so a lucky probe sends a few calls into a still-overloaded provider, not a full pace."""
+        target = self._target()
+        if target is None or self.rate is None:
+            return
+        floor = max(self.settings.min_rpm, target * self.settings.overload_floor)
+        self._slow_start = floor < target
+        if self.rate > floor:  # e.g. opened by an earlier run's health record, at full pace
+            self.rate = floor
+            self.next_slot = max(self.next_slot, self.clock() + self.interval())
+            self._new_epoch()  # slots claimed at the faster pace are claimed again
+        else:
+            self._slow_start = self._slow_start and self.rate < target
 
     def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
         """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""
@@ -285,6 +302,7 @@ class ProviderGate:
 
     def on_overload(self) -> None:
         """A 503: slow down; successes bring the rate back."""
+        self._slow_start = False
         if self.rate is not None:
             floor = max(
                 self.settings.min_rpm, (self._target() or 0.0) * self.settings.overload_floor

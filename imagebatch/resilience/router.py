@@ -341,9 +341,9 @@ class Router:
         self.spend.settle(price, charged=True)
         self._record(prompt, lane, waited, started, None, ticket.probe)
         lane.circuit.record_success(ticket)
-        if ticket.probe:  # it is back: resume the full pace at once
-            lane.gate.restore_pace()
         lane.gate.on_success()
+        if ticket.probe:  # back, or lucky once in an overload: a quarter of the pace, doubling
+            lane.gate.slow_start()
         lane.retries.refill()
         self._streaks.pop((prompt.id, lane.name), None)
         return result
