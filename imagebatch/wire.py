@@ -4,9 +4,10 @@ A provider counts a request against its per-minute quota when it arrives, not wh
 gate let it go. Between the two lie creating the SDK's client on a first call, the SDK's own
 work and a busy event loop: a first call that leaves a few seconds late and an eleventh call
 that leaves on time land in the same minute, and the eleventh gets a 429. So the router sets a
-hook for the call it makes (a context variable: concurrent calls each see their own) and each
-provider's HTTP client calls :func:`request_sent` as the request goes out; the gate counts that
-moment, not the admission, against the provider's window.
+hook for the call it makes (a context variable: concurrent calls each see their own); each
+provider's HTTP client calls it once the request's last byte is written (httpx clients, through
+:func:`httpx_request_hook`) or just before a blocking SDK sends it (:func:`request_sent`); the
+gate counts that moment, not the admission, against the provider's window.
 """
 
 from __future__ import annotations
