@@ -1,6 +1,6 @@
 """A simulated night, side by side: imagebatch, the usual sequential loop, and LiteLLM's router.
 
-    .venv/bin/python bench/night.py                      # everything: about 22 minutes
+    .venv/bin/python bench/night.py                      # everything: 20-26 minutes
     .venv/bin/python bench/night.py --smoke              # each scenario, a few prompts, seconds
 
 Each run starts the project's emulator over HTTP with one scenario's profile (a primary logical

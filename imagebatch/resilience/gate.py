@@ -102,13 +102,20 @@ class ProviderGate:
         while self._starts and self._starts[0].started <= now - 2 * self._window():
             self._starts.popleft()
         if allowed is not None:
-            # sorted: a call that left late (mark_sent) moved its start after later claims
-            claimed = sorted(
-                a.started for a in self._starts if a.admitted and a.started > start - self._window()
-            )
-            if len(claimed) >= allowed:
-                start = max(start, claimed[-allowed] + self._window() + 1e-6)
+            claimed = [a.started for a in self._starts if a.admitted]
+            start = max(start, self._window_room(claimed, allowed, start))
         return start
+
+    def _window_room(self, starts: list[float], allowed: int, at: float) -> float:
+        """The first time from ``at`` on when one more start keeps every window within
+        ``allowed``, given ``starts`` (at or before it): after the ``allowed``-th latest of those
+        in the window leaves it, plus the allowance for arrival jitter."""
+        window = self._window()
+        # sorted: a call that left late (mark_sent) moved its start after later claims
+        recent = sorted(t for t in starts if at - window < t)
+        if len(recent) < allowed:
+            return at
+        return recent[-allowed] + window + _ARRIVAL_JITTER_S / self.settings.time_scale
 
     def start_in(self) -> float:
         """Seconds a request arriving now would wait to start (infinite when every in-flight
@@ -178,15 +185,8 @@ class ProviderGate:
         allowed = self._allowed_in_window()
         if allowed is None:
             return now
-        window = self._window()
-        gone = sorted(
-            a.started
-            for a in self._starts
-            if a.admitted and a is not admission and now - window < a.started <= now
-        )
-        if len(gone) < allowed:
-            return now
-        return gone[-allowed] + window + _ARRIVAL_JITTER_S / self.settings.time_scale
+        gone = [a.started for a in self._starts if a.admitted and a is not admission]
+        return self._window_room([t for t in gone if t <= now], allowed, now)
 
     def mark_sent(self, admission: Admission) -> None:
         """The request admitted by ``admission`` is leaving now (``imagebatch.wire``): it
