@@ -147,6 +147,40 @@ def test_a_hint_that_arrives_while_requests_wait_holds_them_too():
     assert starts[0] == 0 and min(starts[1:]) >= 120
 
 
+def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newcomers():
+    # a probe (w0) left at 0 and succeeded: the gate resumes at a quarter of the pace, and 11
+    # requests queue on slots claimed at that pace (25 s apart); then two successes double it
+    # twice, back to the full pace
+    sim = SimClock()
+    gate = ProviderGate(GateSettings(rpm=10, max_in_flight=50), clock=sim, sleep=sim.sleep)
+    full = 60 / 9.5
+    starts: dict[str, float] = {}
+
+    async def one(name: str) -> None:
+        await gate.acquire()
+        starts[name] = sim()
+        gate.release()
+
+    async def night() -> None:
+        await one("w0")
+        gate.slow_start()
+        assert gate.interval() == pytest.approx(4 * full)
+        waiting = [asyncio.ensure_future(one(f"w{i}")) for i in range(1, 12)]
+        await sim.sleep(1)
+        gate.on_success()
+        gate.on_success()
+        late = asyncio.ensure_future(one("newcomer"))  # arrives the moment it improved
+        await asyncio.gather(*waiting, late)
+
+    sim.run(night())
+    order = [k for k, _ in sorted(starts.items(), key=lambda kv: kv[1])]
+    assert order == [f"w{i}" for i in range(12)] + ["newcomer"]  # turns kept, newcomer last
+    times = sorted(starts.values())
+    assert times[0] == 0 and times[1] == pytest.approx(full)  # one full-pace gap after w0
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps == pytest.approx([full] * 12)  # the full pace at once, not 25 s apart
+
+
 def test_in_flight_cap_holds():
     sim = SimClock()
     gate = ProviderGate(GateSettings(rpm=None, max_in_flight=3), clock=sim, sleep=sim.sleep)

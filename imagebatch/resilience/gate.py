@@ -9,6 +9,7 @@ runs, learns a lower real ceiling from 429s, and slows down under overload. Time
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -68,7 +69,9 @@ class ProviderGate:
         self._starts: deque[Admission] = deque()
         self._clean_since = clock()
         self._probe_from: float | None = None  # the ceiling before the last try at one more
-        self._epoch = 0  # bumped when the pace changes for the worse: waiting slots re-claim
+        self._epoch = 0  # bumped when the pace changes: waiting slots are claimed again
+        self._napping: list[tuple[int, Admission, asyncio.Future[None]]] = []  # waiting now
+        self._seq = itertools.count()
         self._slow_start = False  # after a successful probe: the rate doubles per success
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
 
@@ -154,7 +157,9 @@ class ProviderGate:
                             admission.admitted = False
                             self._in_flight.release()
                             return None
-                        await self.sleep(min(admission.started - self.clock(), check_every))
+                        await self._nap(
+                            admission, min(admission.started - self.clock(), check_every)
+                        )
                     # the slot was claimed when earlier calls were only planned: if one of them
                     # left late (see mark_sent), wait until the window has room by real times
                     clear_at = self._window_clear_at(admission)
@@ -176,6 +181,29 @@ class ProviderGate:
         admission.started = self.clock()
         admission.waited_s = admission.started - began
         return admission
+
+    async def _nap(self, admission: Admission, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the pace changes meanwhile: a waiting request claims its
+        turn again at once, in the order of the turns it held, before any newcomer can."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (next(self._seq), admission, woken)
+        self._napping.append(entry)
+        sleeper = asyncio.ensure_future(self.sleep(seconds))
+        try:
+            await asyncio.wait({sleeper, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            self._napping.remove(entry)
+
+    def _waiting(self) -> list[Admission]:
+        """The requests waiting for their turn, in the order of their turns."""
+        napping = sorted(self._napping, key=lambda entry: (entry[1].started, entry[0]))
+        return [admission for _, admission, _ in napping]
+
+    def _wake_all(self) -> None:
+        for _, _, woken in self._napping:
+            if not woken.done():
+                woken.set_result(None)
 
     def _window_clear_at(self, admission: Admission) -> float:
         """When ``admission`` may start with no more than the allowed starts in any window,
@@ -220,12 +248,34 @@ class ProviderGate:
         self._new_epoch()
 
     def _new_epoch(self) -> None:
-        """The pace changed for the worse: claims on future slots lapse and are made again."""
+        """The pace changed: claims on future slots lapse, and the requests that held them
+        claim their turns again now, under the new pace."""
         now = self.clock()
         for admission in self._starts:
             if admission.started > now:
                 admission.admitted = False
         self._epoch += 1
+        self._wake_all()
+
+    def _pace_improved(self, before: float) -> None:
+        """The pace got faster than one ``before`` seconds apart: the requests waiting on slots
+        claimed at the slower pace take the faster one now, not after their old turns."""
+        if self.interval() >= before:
+            return
+        now = self.clock()
+        gone = [a.started for a in self._starts if a.admitted and a.started <= now]
+        after_last = max(gone) + self.interval() if gone else now
+        self.next_slot = max(now, self.paused_until, after_last)
+        # each waiting request takes the earliest turn the new pace gives, in its old order,
+        # here and now: a request arriving after this can only queue behind them
+        waiting = [a for a in self._waiting() if a.started > now]
+        for admission in waiting:
+            admission.admitted = False
+        for admission in waiting:
+            admission.started = self._earliest(now)
+            admission.admitted = True
+            self.next_slot = admission.started + self.interval()
+        self._wake_all()  # to sleep again until their new turns
 
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - self.clock())
@@ -235,6 +285,7 @@ class ProviderGate:
         target = self._target()
         if target is None:
             return
+        before = self.interval()
         if self.rate is not None and self.rate < target:
             if self._slow_start:  # back from an open circuit: double with each success
                 self.rate = min(target, self.rate * 2)
@@ -249,6 +300,7 @@ class ProviderGate:
             if self.configured_rpm is not None and self.ceiling >= self.configured_rpm:
                 self.ceiling = None
             self.rate = self._target()
+        self._pace_improved(before)
 
     def slow_start(self) -> None:
         """A probe succeeded: the provider may be back, or only lucky once in an overload.
