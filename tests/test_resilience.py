@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -177,7 +178,7 @@ def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newc
     assert order == [f"w{i}" for i in range(12)] + ["newcomer"]  # turns kept, newcomer last
     times = sorted(starts.values())
     assert times[0] == 0 and times[1] == pytest.approx(full)  # one full-pace gap after w0
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == pytest.approx([full] * 12)  # the full pace at once, not 25 s apart
 
 
