@@ -46,7 +46,12 @@ class ProviderBlock(Block, ABC):
     )
     rpm: float | None = Field(default=None, gt=0, description="Requests per minute allowed.")
     rpd: int | None = Field(default=None, ge=0, description="Requests per day allowed.")
-    max_in_flight: int = Field(default=4, ge=1, le=1000, description="Concurrent calls at most.")
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Calls at once at most; empty: twice the rate x latency (at least 4).",
+    )
     price_usd_1k: float | None = Field(
         default=None, ge=0, description="Price of one 1K image in USD."
     )

@@ -77,7 +77,7 @@ async def compare_providers(
         runtime = BatchRuntime(
             only, sink, f"compare-{stamp}", env={**os.environ, **secrets}, settings=settings
         )
-        limit = asyncio.Semaphore(loaded.max_in_flight)
+        limit = asyncio.Semaphore(only.prompts_in_flight())
 
         async def one(prompt: Prompt) -> None:
             async with limit:

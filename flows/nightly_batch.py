@@ -29,7 +29,7 @@ from tasks.plan import plan_batch
 from tasks.process import process_image
 from tasks.publish import publish_images, publish_index, record_failure, reuse_published
 from tasks.report import (
-    emit_batch_completed,
+    emit_batch_outcome,
     event_emitter,
     find_blocked,
     find_finished,
@@ -70,7 +70,11 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
     config = load_config(run.config)
     overrides = {
         key: value
-        for key, value in (("budget_usd", run.budget_usd), ("deadline_s", run.deadline_s))
+        for key, value in (
+            ("budget_usd", run.budget_usd),
+            ("deadline_s", run.deadline_s),
+            ("finish_by", run.finish_by),
+        )
         if value is not None
     }
     if overrides:  # this run's own cap or deadline, from the form or the CLI
@@ -128,9 +132,11 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
                 "output": sink.uri(),
             },
         )
+        # what is left to do tonight: the finish_by estimate counts it down
+        runtime.router.expect([p.id for p in loaded.prompts if p.id not in finished])
         progress = BatchProgress(batch_id=batch_id, total=len(loaded.prompts))
         artifact_id = await start_progress(progress)
-        limit = asyncio.Semaphore(run.max_in_flight or config.max_in_flight)
+        limit = asyncio.Semaphore(run.max_in_flight or config.prompts_in_flight())
         logger.info(
             "batch %s: %d prompts, %d already done, output %s",
             batch_id,
@@ -164,6 +170,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
             resumed=finished & set(ids),
             rejected_rows=len(loaded.rejected),
             failure_threshold=config.failure_threshold,
+            blocked_threshold=config.blocked_threshold,
             manifest_uri=runtime.records.manifest_uri,
         )
         write_summary(runtime.records, summary)
@@ -171,7 +178,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         await publish_report(summary, records, sink, config.publish.signed_url_expiry_s)
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
-    emit_batch_completed(summary)
+    emit_batch_outcome(summary)
     if summary.outcome == "failed":
         return Failed(message=summary.message, data=summary)
     if summary.outcome == "partial":

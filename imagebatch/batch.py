@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import date
+from datetime import date, datetime
 from pathlib import PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imagebatch.config import FINISH_BY_PATTERN, finish_by_time
 from imagebatch.models import SAFE_ID_PATTERN, PromptRecord
 
 __all__ = [
@@ -63,6 +64,13 @@ class BatchRun(BaseModel):
         gt=0,
         description="Send nothing new this many seconds after the start; empty for the config's",
     )
+    finish_by: str | None = Field(
+        default=None,
+        pattern=FINISH_BY_PATTERN,
+        description="Finish by this time ('06:00', '06:00 Europe/Berlin' or an ISO date-time): "
+        "prompts go down the chain as soon as the preferred providers alone would miss it; "
+        "empty for the config's",
+    )
     retry_blocked: bool = Field(
         default=True, description="Also try again prompts a provider refused in an earlier run"
     )
@@ -70,6 +78,13 @@ class BatchRun(BaseModel):
         default=False,
         description="Only estimate the time and cost (the plan artifact); generate nothing",
     )
+
+    @field_validator("finish_by")
+    @classmethod
+    def _finish_by_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            finish_by_time(value, datetime.now().astimezone())
+        return value
 
 
 def rerun_params(
@@ -148,21 +163,34 @@ def summarize(
     rejected_rows: int,
     failure_threshold: float,
     manifest_uri: str,
+    blocked_threshold: float = 0.5,
 ) -> BatchSummary:
-    """Count the records and judge the outcome against the failure threshold.
+    """Count the records and judge the outcome: the one definition the flow, the CLI, the
+    events and the report use.
 
     Completed: every prompt succeeded or was blocked. Partial: some failed or were skipped, but
-    no more than ``failure_threshold`` of them. Failed: above that.
+    no more than ``failure_threshold`` of them. Failed: above that; or this run had prompts to
+    generate and published none of them; or more than ``blocked_threshold`` of them came back
+    blocked (a provider's silent filter is not a normal night). A run whose prompts were all
+    done already (resumed) or served by reuse is not a failure.
     """
     counts = Counter(r.status for r in records)
     total = len(records)
     unsettled = counts["failed"] + counts["skipped"]
-    if unsettled == 0:
-        outcome: Outcome = "completed"
-    elif total and unsettled / total <= failure_threshold:
-        outcome = "partial"
-    else:
-        outcome = "failed"
+    fresh = [r for r in records if r.id not in resumed]  # what this run had to do
+    published = sum(1 for r in fresh if r.status == "succeeded")
+    blocked = [r for r in fresh if r.status == "blocked"]
+    why = None
+    if fresh and not published:
+        why = _nothing_published(fresh, blocked)
+    elif fresh and len(blocked) / len(fresh) > blocked_threshold:
+        why = (
+            f"{len(blocked)} of {len(fresh)} prompts came back blocked, over the blocked "
+            f"threshold of {blocked_threshold:.0%}{_blank_hint(blocked)}"
+        )
+    if why is None and total and unsettled / total > failure_threshold:
+        why = f"over the failure threshold of {failure_threshold:.0%}"
+    outcome: Outcome = "failed" if why is not None else "completed" if unsettled == 0 else "partial"
     parts = [f"{counts['succeeded']} succeeded"]
     parts += [f"{counts[s]} {s}" for s in ("blocked", "failed", "skipped") if counts[s]]
     if resumed:
@@ -171,8 +199,8 @@ def summarize(
     if reused:
         parts.append(f"{reused} reused")
     message = f"{', '.join(parts)} of {total} prompts"
-    if outcome == "failed":
-        message += f" (over the failure threshold of {failure_threshold:.0%})"
+    if why is not None:
+        message += f" ({why})"
     return BatchSummary(
         batch_id=batch_id,
         total=total,
@@ -188,3 +216,24 @@ def summarize(
         outcome=outcome,
         message=message,
     )
+
+
+def _blank_hint(blocked: list[PromptRecord]) -> str:
+    blank = sum(1 for r in blocked if r.error and "blank" in r.error)
+    if blocked and blank == len(blocked):
+        return ": every one a blank image, the provider's silent filter?"
+    return ""
+
+
+def _nothing_published(fresh: list[PromptRecord], blocked: list[PromptRecord]) -> str:
+    if len(blocked) == len(fresh):
+        if _blank_hint(blocked):
+            return "nothing published: every image came back blank, the provider's silent filter?"
+        return "nothing published: the providers refused every prompt"
+    faulty = [r for r in fresh if r.error and "blank images" in r.error]
+    if faulty:
+        return (
+            "nothing published: a provider returned blank images prompt after prompt and was "
+            "taken out of the chain"
+        )
+    return "nothing published: no prompt of this run succeeded"

@@ -60,7 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--deadline-s", type=float, metavar="S", help="send nothing new after this many seconds"
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--finish-by",
+        metavar="TIME",
+        help="finish by this time ('06:00', '06:00 Europe/Berlin' or ISO): prompts go down the "
+        "chain as soon as the preferred providers alone would miss it",
+    )
+    run.add_argument(
+        "--quiet", action="store_true", help="print only warnings, errors and the summary"
+    )
     run.set_defaults(handler=_cmd_run)
 
     rerun = sub.add_parser(
@@ -163,6 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_in_flight=args.max_in_flight,
             budget_usd=args.budget_usd,
             deadline_s=args.deadline_s,
+            finish_by=args.finish_by,
         )
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -188,6 +197,8 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
 def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     from imagebatch.errors import InputError
 
+    if not _inputs_ok(params):  # before anything starts: a bad file costs a second, not 20
+        return EXIT_INPUT
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # without PREFECT_API_URL Prefect starts a temporary server; a first start migrates its
     # database, which takes longer than Prefect's 20 s default on a small machine
@@ -195,10 +206,12 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     # that temporary server is stopped at exit mid-flush and logs tracebacks about its own
     # shutdown; this affects only a server started by this process, never a real one
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    if quiet:  # the terminal shows warnings and errors; the server still gets every log line
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     from flows.nightly_batch import nightly_batch
 
     show_bar = not quiet and sys.stderr.isatty()
-    with _progress_bar(enabled=show_bar):
+    with _prefect_server(), _progress_bar(enabled=show_bar):
         state = asyncio.run(nightly_batch(run=params, return_state=True))
     result = state.result(raise_on_failure=False)
 
@@ -208,6 +221,84 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     summary: BatchSummary = result
     _print_summary(summary, state.name or "")
     return EXIT_FAILED if summary.outcome == "failed" else EXIT_OK
+
+
+def _inputs_ok(params: BatchRun) -> bool:
+    """Check the local config and prompt file as the flow will, printing only the clear line
+    that names the file, line and key; objects in the cloud are checked by the flow."""
+    from imagebatch.config import load_config
+    from imagebatch.errors import InputError
+    from imagebatch.prompts import load_prompts
+
+    try:
+        if params.config is None or "://" not in params.config:
+            load_config(params.config)
+        if "://" not in params.prompts:
+            load_prompts(params.prompts, skip_bad_rows=params.skip_bad_rows)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+@contextmanager
+def _prefect_server() -> Iterator[None]:
+    """The Prefect server the run records to: ``PREFECT_API_URL``'s, or else a temporary one
+    that ends with this process however it ends (a watchdog stops it if this process is
+    killed, where no exit handler runs)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    process = server.server_process
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(process.pid if process else 0)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to this terminal's group does not end it early
+    )
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        # what the run logged and emitted reaches the server before it stops
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=5)
+        server.stop()
+        watchdog.kill()
+        watchdog.wait()
+
+
+#: run beside a temporary server: when the CLI (argv 1) is gone, stop the server (argv 2)
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+while os.getppid() == parent and alive(server):
+    time.sleep(0.5)
+if alive(server):
+    os.kill(server, signal.SIGTERM)
+    for _ in range(20):
+        time.sleep(0.25)
+        if not alive(server):
+            break
+    else:
+        os.kill(server, signal.SIGKILL)
+"""
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

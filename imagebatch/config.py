@@ -6,6 +6,9 @@ in this file: providers name an environment variable (``api_key_env``) or a Pref
 
 from __future__ import annotations
 
+import math
+import re
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +29,18 @@ __all__ = [
     "RetryConfig",
     "RoutingConfig",
     "default_config",
+    "finish_by_time",
     "load_config",
+    "model_group",
     "parse_config",
 ]
 
+#: a call's typical latency when the config does not say (FIELD-NOTES: 30-100 s for image models)
+DEFAULT_LATENCY_S = 60.0
+_MODEL_PREFIXES = re.compile(r"^(projects/[^/]+/locations/[^/]+/)?(publishers/[^/]+/)?models/")
+
 PROVIDER_KINDS = ("gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local")
+FINISH_BY_PATTERN = r"^\s*(([01]\d|2[0-3]):[0-5]\d(\s+\S+)?|\d{4}-\d\d-\d\d[T ].+)\s*$"
 _SECRET_KEYS = {"api_key", "apikey", "key", "token", "secret", "password", "credentials"}
 
 
@@ -44,7 +54,13 @@ class Limits(_Strict):
     rpm: float | None = Field(default=None, gt=0, description="Requests per minute")
     rpd: int | None = Field(default=None, ge=0, description="Requests per day")
     ipm: float | None = Field(default=None, gt=0, description="Images per minute")
-    max_in_flight: int = Field(default=4, ge=1, le=1000, description="Concurrent calls at most")
+    max_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Calls at once at most, counting those waiting for their turn; default: "
+        "twice the rate x latency (Little's law), so the quota is used when calls are slow",
+    )
     latency_s: float | None = Field(
         default=None,
         gt=0,
@@ -59,6 +75,22 @@ class Limits(_Strict):
     rpd_timezone: str = Field(
         default="America/Los_Angeles", description="Timezone of rpd_reset (Gemini: Pacific)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _in_flight_for_the_rate(cls, data: Any) -> Any:
+        """Without ``max_in_flight``: enough calls at once to keep the rate busy while each takes
+        its latency, twice over (some wait for their turn, latencies spread), and at least 4."""
+        if isinstance(data, dict) and data.get("max_in_flight") is None:
+            rates = [r for r in (data.get("rpm"), data.get("ipm")) if isinstance(r, int | float)]
+            latency = data.get("latency_s")
+            latency = latency if isinstance(latency, int | float) else DEFAULT_LATENCY_S
+            if rates and min(rates) > 0 and latency > 0:
+                wanted = math.ceil(min(rates) * latency / 60.0 * 2)
+                data = {**data, "max_in_flight": max(4, min(1000, wanted))}
+            else:
+                data = {k: v for k, v in data.items() if k != "max_in_flight"}
+        return data
 
     @field_validator("rpd_timezone")
     @classmethod
@@ -95,6 +127,13 @@ class ProviderConfig(_Strict):
         "request; null: never",
     )
     options: dict[str, Any] = Field(default_factory=dict)
+    group: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="Providers with the same group (default: the same model id) are "
+        "interchangeable: they share a night's prompts, each at its own pace",
+    )
 
     @model_validator(mode="after")
     def _kind_and_model_or_block(self) -> ProviderConfig:
@@ -103,6 +142,11 @@ class ProviderConfig(_Strict):
             if missing:
                 raise ValueError(f"'{missing[0]}' is required unless 'block' names a saved block")
         return self
+
+    def share_group(self) -> str:
+        """Which providers this one shares prompts with: its ``group``, else its model id
+        without the platform's prefix (``models/``, ``publishers/google/models/``)."""
+        return self.group or model_group(self.model or "")
 
     def price_for(self, size: str) -> float:
         """Price of one image at ``size``; the nearest configured size if that one is missing."""
@@ -133,6 +177,12 @@ class RoutingConfig(_Strict):
         "null: the next provider only takes over when one fails",
     )
     margin: float = Field(default=0.05, ge=0, lt=0.5, description="Stay this far under each RPM")
+    share_same_model: bool = Field(
+        default=True,
+        description="Providers of the same model (or the same `group`) share the night's "
+        "prompts: each prompt goes to the one that can start it first; false: strictly in "
+        "chain order, the next one only when one fails",
+    )
     refused_content_failover: bool = Field(
         default=False, description="Try other providers for a prompt one provider refused"
     )
@@ -203,10 +253,23 @@ class BatchConfig(_Strict):
     deadline_s: float | None = Field(
         default=None, gt=0, description="Stop sending new work this long after the batch starts"
     )
+    finish_by: str | None = Field(
+        default=None,
+        pattern=FINISH_BY_PATTERN,
+        description="Finish by this time: 'HH:MM' (the next one after the start, local time), "
+        "'HH:MM Area/City', or an ISO date-time; prompts go down the chain as soon as the "
+        "preferred providers alone would miss it",
+    )
     renditions: list[RenditionConfig] = Field(min_length=1)
     output: str = "./output"
     publish: PublishConfig = PublishConfig()
-    max_in_flight: int = Field(default=8, ge=1, le=1000)
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Prompts worked on at once; default: the providers' in-flight caps added up "
+        "(at least 8)",
+    )
     shared_limits: bool = Field(
         default=False,
         description="Share each provider's rate, in-flight cap and daily allowance with every "
@@ -215,6 +278,26 @@ class BatchConfig(_Strict):
     failure_threshold: float = Field(
         default=0.1, ge=0, le=1, description="Share of failed+skipped prompts still 'partial'"
     )
+    blocked_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A run whose share of blocked prompts is above this ends Failed (a "
+        "provider's silent filter is not a normal night)",
+    )
+
+    def prompts_in_flight(self) -> int:
+        """``max_in_flight``, or enough prompts to fill every provider's in-flight cap."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return max(8, min(1000, sum(p.limits.max_in_flight for p in self.providers)))
+
+    @field_validator("finish_by")
+    @classmethod
+    def _finish_by_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            finish_by_time(value, datetime.now().astimezone())
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> BatchConfig:
@@ -224,6 +307,39 @@ class BatchConfig(_Strict):
             if dupes:
                 raise ValueError(f"{what}: duplicate name '{dupes[0]}'")
         return self
+
+
+def model_group(model: str) -> str:
+    """A model id without its platform's prefix: ``models/gemini-3-pro-image-preview`` and
+    ``publishers/google/models/gemini-3-pro-image-preview`` are the same model."""
+    return _MODEL_PREFIXES.sub("", model.strip())
+
+
+def finish_by_time(value: str, start: datetime) -> datetime:
+    """When ``value`` (``HH:MM``, ``HH:MM Area/City`` or ISO) falls: the first such time after
+    ``start`` (an aware datetime); ``HH:MM`` alone is in ``start``'s zone."""
+    clock = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)(?:\s+(\S+))?", value.strip())
+    if clock is None:
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"finish_by {value!r}: use 'HH:MM', 'HH:MM Area/City' or an ISO date-time"
+            ) from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=start.tzinfo)
+    hour, minute, zone = int(clock[1]), int(clock[2]), clock[3]
+    try:
+        tz = ZoneInfo(zone) if zone else start.tzinfo
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"finish_by {value!r}: unknown timezone {zone!r}; use an IANA name such as "
+            "Europe/Berlin"
+        ) from None
+    local = start.astimezone(tz)
+    moment = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if moment <= local:
+        moment += timedelta(days=1)  # the same wall-clock time tomorrow, across DST too
+    return moment
 
 
 def default_config() -> BatchConfig:

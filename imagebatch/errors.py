@@ -23,6 +23,8 @@
         │   └── ProviderNotConfigured
         └── GiveUpError             end this prompt with the reason
             ├── ContentRefused      safety block (status ``blocked``)
+            │   └── BlankImage      a blank or uniform image: a silent filter, or a fault when
+            │                       one provider sends three in a row (then: move on)
             ├── InvalidRequest      400 that no provider would accept
             ├── ProvidersExhausted  every provider in the chain declined (status ``failed``)
             └── NotTried            never sent (status ``skipped``)
@@ -40,6 +42,7 @@ __all__ = [
     "AuthenticationFailed",
     "BadImage",
     "BatchLockedError",
+    "BlankImage",
     "BudgetReached",
     "ConfigError",
     "ContentRefused",
@@ -202,6 +205,11 @@ class ContentRefused(GiveUpError):
     """The provider refused the content (safety block)."""
 
     final_status = "blocked"
+
+
+class BlankImage(ContentRefused):
+    """A blank or near-uniform image: some providers' silent safety filter. Three in a row from
+    one provider say the provider is at fault, not the prompts (the router stops using it)."""
 
 
 class InvalidRequest(GiveUpError):

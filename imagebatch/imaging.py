@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape
 from PIL import Image, ImageStat, PngImagePlugin
 
 from imagebatch.config import RenditionConfig
-from imagebatch.errors import BadImage, ContentRefused
+from imagebatch.errors import BadImage, BlankImage
 from imagebatch.models import aspect_value
 
 __all__ = [
@@ -67,7 +67,7 @@ def inspect_image(data: bytes, expected_aspect: str | None = None) -> ImageInfo:
     Raises:
         BadImage: empty, not an image, truncated, a decompression bomb, or an aspect ratio more
             than 2% off ``expected_aspect`` (``W:H`` or ``WxH``): worth another try.
-        ContentRefused: blank or near-uniform, which some providers' safety filters return
+        BlankImage: blank or near-uniform, which some providers' safety filters return
             instead of an error: the provider refused the content.
     """
     if not data:
@@ -84,7 +84,7 @@ def inspect_image(data: bytes, expected_aspect: str | None = None) -> ImageInfo:
     except Exception as exc:  # Pillow raises many types for bad data
         raise BadImage(f"the bytes do not decode as an image ({len(data)} bytes): {exc}") from None
     if spread < UNIFORM_STDDEV:
-        raise ContentRefused(
+        raise BlankImage(
             f"the image is blank or near-uniform ({info.width}x{info.height}, grey-level std dev "
             f"{spread:.1f}): taken as the provider's silent safety filter"
         )

@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from imagebatch.config import BatchConfig, ProviderConfig
+from imagebatch.config import DEFAULT_LATENCY_S, BatchConfig, ProviderConfig
 from imagebatch.models import Prompt
 
 __all__ = ["DEFAULT_LATENCY_S", "Plan", "ProviderPlan", "plan_batch"]
 
-#: a call's typical latency when the config does not say (FIELD-NOTES: 30-100 s for image models)
-DEFAULT_LATENCY_S = 60.0
 _LOCAL_LATENCY_S = 1.0
 
 

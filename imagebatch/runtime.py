@@ -61,7 +61,8 @@ class BatchRuntime:
         self.settings = settings or Settings()
         self.records = RecordStore(sink, batch_id)
         self.providers: list[ImageProvider] = [
-            build_provider(p, env, index=i) for i, p in enumerate(config.providers)
+            build_provider(p, env, index=i, time_scale=self.settings.time_scale)
+            for i, p in enumerate(config.providers)
         ]
         self._by_name = {p.name: p for p in self.providers}
         self.attempts: dict[str, list[Attempt]] = defaultdict(list)
@@ -208,6 +209,7 @@ class BatchRuntime:
             return None
         record = await asyncio.to_thread(self.records.reuse, prompt.id, source)
         await asyncio.to_thread(self._remember, prompt, record)
+        self.router.settled(prompt.id)
         return record
 
     def _remember(self, prompt: Prompt, record: PromptRecord) -> None:
@@ -228,6 +230,7 @@ class BatchRuntime:
             finished_at=datetime.now(UTC),
         )
         await asyncio.to_thread(self.records.write_failure, record)
+        self.router.settled(prompt.id)
         return record
 
     async def aclose(self) -> None:

@@ -56,10 +56,11 @@ def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter)
     return emit
 
 
-def emit_batch_completed(summary: BatchSummary) -> None:
-    """``imagebatch.batch.completed``, with the counts, for automations."""
+def emit_batch_outcome(summary: BatchSummary) -> None:
+    """``imagebatch.batch.completed`` for a batch that did not fail (Completed or Partially
+    succeeded), ``imagebatch.batch.failed`` for one that did; with the counts, for automations."""
     emit_event(
-        event="imagebatch.batch.completed",
+        event=f"imagebatch.batch.{'failed' if summary.outcome == 'failed' else 'completed'}",
         resource={
             "prefect.resource.id": f"imagebatch.batch.{summary.batch_id}",
             "outcome": summary.outcome,

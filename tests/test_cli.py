@@ -8,6 +8,7 @@ import pty
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,7 @@ def test_run_example_then_rerun_resumes_everything(tmp_path, prefect_server):
     args = ("run", str(EXAMPLE), "--output", "out", "--batch-id", "cli-1", "--quiet")
     first = _imagebatch(*args, api_url=prefect_server, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert " INFO " not in first.stderr  # --quiet: warnings, errors and the summary only
     assert f"batch cli-1: Completed ({n_prompts} succeeded of {n_prompts} prompts)" in first.stdout
     manifest = tmp_path / "out" / "cli-1" / "manifest.jsonl"
     assert f"manifest: {manifest.as_uri()}" in first.stdout
@@ -85,6 +87,112 @@ def test_bad_input_exits_2_with_the_file_and_line(tmp_path, prefect_server):
     assert result.returncode == 2
     assert f"error: {bad}, line 3, field 'prompt': the prompt is missing" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _without_server(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a user with no Prefect server configured (a temporary one starts)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), **(extra or {})}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n', "bad.jsonl, line 2: malformed JSON"),
+        ("config.yaml", "providers: []\n", "config.yaml, line 1, key 'providers'"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts_with_only_the_clear_line(
+    tmp_path, name, text, message
+):
+    (tmp_path / name).write_text(text)
+    args = ["run", name] if name.endswith(".jsonl") else ["run", str(EXAMPLE), "--config", name]
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebatch.cli", *args, "--output", "out"],
+        cwd=tmp_path,
+        env=_without_server(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "prefect-home").exists()  # no temporary server was started
+    assert not (tmp_path / "out").exists()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+            cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0")) == pid:
+            found.append((int(status.parent.name), cmdline))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has ended; only its exit code is left
+
+
+def test_a_killed_cli_takes_its_temporary_prefect_server_with_it(tmp_path):
+    from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+
+    profile = EmulatorProfile(providers={"primary": ProviderProfile(latency_median_s=600)})
+    with EmulatorServer(profile) as emulator:
+        (tmp_path / "config.yaml").write_text(
+            (ROOT / "examples" / "emulator.yaml")
+            .read_text()
+            .replace("http://127.0.0.1:8600", emulator.url)
+        )
+        env = _without_server(tmp_path, {"GEMINI_API_KEY": "k", "OPENAI_API_KEY": "k"})
+        cli = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imagebatch.cli",
+                "run",
+                str(EXAMPLE),
+                "--config",
+                "config.yaml",
+                "--output",
+                "out",
+                "--batch-id",
+                "killed",
+                "--quiet",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            started = tmp_path / "out" / "killed" / "_batch.json"  # the flow is under way
+            deadline = time.monotonic() + 180
+            while not started.exists() and cli.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert started.exists(), "the run did not start"
+            servers = [pid for pid, cmd in _children(cli.pid) if "uvicorn" in cmd]
+            assert len(servers) == 1
+            cli.kill()  # SIGKILL: no exit handler of the CLI runs
+            cli.wait()
+            deadline = time.monotonic() + 30
+            while _running(servers[0]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _running(servers[0]), "the temporary server outlived the CLI"
+        finally:
+            if cli.poll() is None:
+                cli.kill()
 
 
 def test_bad_flag_value_exits_2_before_starting(tmp_path, prefect_server):

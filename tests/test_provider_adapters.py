@@ -187,6 +187,32 @@ def test_a_hang_ends_at_the_configured_timeout(kind, emulator):
     assert time.monotonic() - started < 20  # the hang lasts 120 s: the client gave up first
 
 
+def test_the_time_scale_divides_the_timeout_as_it_divides_the_emulators_latencies():
+    # at scale 100 a 600 s hang lasts 6 wall seconds; a 120 s timeout is 1.2 wall seconds
+    profile = EmulatorProfile(
+        time_scale=100,
+        providers={
+            "primary": ProviderProfile(hang_s=600, script=[ScriptedFault(first=1, fault="hang")])
+        },
+    )
+    server = EmulatorServer(profile).start()
+    try:
+        config = ProviderConfig(
+            name="primary",
+            kind="openai",
+            model=MODELS["openai"],
+            base_url=server.url,
+            api_key_env="IMAGEBATCH_TEST_KEY",
+            timeout_s=120,
+        )
+        provider = build_provider(config, {"IMAGEBATCH_TEST_KEY": SECRET}, time_scale=100)
+        assert provider.config.timeout_s == pytest.approx(1.2)
+        with pytest.raises(errors.ProviderTimeout, match=r"timeout of 1\.2s"):
+            asyncio.run(_generate(provider, Prompt(id="p", prompt="a red mug")))
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("kind", ["gemini", "openai", "stability"])
 def test_missing_key_names_the_variable_and_sends_nothing(kind, emulator):
     server = emulator()

@@ -239,13 +239,14 @@ def night(
     profile: EmulatorProfile,
     prompts: int,
     *,
-    concurrency: int = 16,
+    concurrency: int | None = 16,
     leaves_after: Callable[[str, int], float] = lambda provider, n: 0.0,
 ):
     """Run ``prompts`` through the router against the emulator's engine, in simulated time.
 
     ``leaves_after(provider, n)``: how long the ``n``-th call to ``provider`` takes between
-    the gate and the wire (a client created on a first call, a busy event loop)."""
+    the gate and the wire (a client created on a first call, a busy event loop).
+    ``concurrency=None``: the config's prompts in flight (its default, if it sets none)."""
     sim = SimClock()
     emulator = Emulator(profile, clock=sim)
     config = parse_config(config_text, source="test")
@@ -289,12 +290,13 @@ def night(
                     outcomes[prompt.id] = exc.final_status
                     return
             outcomes[prompt.id] = "failed"
+            router.settled(prompt.id)
 
     async def run() -> None:
-        limit = asyncio.Semaphore(concurrency)
-        await asyncio.gather(
-            *(one(Prompt(id=f"p{i}", prompt=f"p{i}"), limit) for i in range(prompts))
-        )
+        limit = asyncio.Semaphore(concurrency or config.prompts_in_flight())
+        batch = [Prompt(id=f"p{i}", prompt=f"p{i}") for i in range(prompts)]
+        router.expect([p.id for p in batch])
+        await asyncio.gather(*(one(prompt, limit) for prompt in batch))
 
     sim.run(run())
     return outcomes, emulator.log, events, sim()
@@ -304,7 +306,8 @@ CHAIN = """
 providers:
   - {name: primary, kind: local, model: m, limits: {rpm: 10, max_in_flight: 16},
      price_usd: {1K: 0.1}}
-  - {name: backup, kind: local, model: m, limits: {rpm: 5, max_in_flight: 8}, price_usd: {1K: 0.05}}
+  - {name: backup, kind: local, model: m2, limits: {rpm: 5, max_in_flight: 8},
+     price_usd: {1K: 0.05}}
 renditions: [{name: o, format: png}]
 """
 
@@ -409,6 +412,107 @@ def test_spill_over_puts_every_quota_to_work_and_finishes_near_the_capacity_boun
     outcomes, log, _, end_priority = night(CHAIN, profile, 200, concurrency=40)
     assert set(outcomes.values()) == {"primary"}  # without it the backup waits for a failure
     assert end_priority > 1.3 * end
+
+
+#: what a new user writes: quotas and prices, nothing about in-flight caps or spilling over
+SAME_MODEL_PAIR = """
+providers:
+  - {name: studio, kind: gemini, model: gemini-3-pro-image-preview, limits: {rpm: 10},
+     price_usd: {1K: 0.134}}
+  - {name: vertex, kind: vertex-gemini, model: publishers/google/models/gemini-3-pro-image-preview,
+     limits: {rpm: 5}, price_usd: {1K: 0.15}}
+renditions: [{name: o, format: png}]
+"""
+DIFFERENT_MODELS = """
+providers:
+  - {name: primary, kind: gemini, model: gemini-3-pro-image-preview, limits: {rpm: 10},
+     price_usd: {1K: 0.134}}
+  - {name: backup, kind: openai, model: gpt-image-1.5, limits: {rpm: 5}, price_usd: {1K: 0.04}}
+renditions: [{name: o, format: png}]
+"""
+HEALTHY = {
+    "primary": ProviderProfile(rpm=10, latency_median_s=45, latency_p99_s=100),
+    "backup": ProviderProfile(rpm=5, latency_median_s=30, latency_p99_s=80),
+}
+
+
+def test_on_the_defaults_two_providers_of_one_model_share_the_night():
+    # the emulator's logical providers are named after the chain's entries
+    profile = EmulatorProfile(
+        seed=5, providers={"studio": HEALTHY["primary"], "vertex": HEALTHY["backup"]}
+    )
+    outcomes, log, _, end = night(SAME_MODEL_PAIR, profile, 200, concurrency=None)
+    assert len(outcomes) == 200 and set(outcomes.values()) == {"studio", "vertex"}
+    assert not any(e.fault.startswith("rate_limited") for e in log) and len(log) == 200
+    # the quotas alone admit 200 requests in 200 / 15 minutes; the last answer comes a
+    # median latency later
+    bound = 200 / 15 * 60 + 45
+    assert end <= 1.12 * bound
+    for name, rpm in (("studio", 10), ("vertex", 5)):  # each at its own full pace
+        starts = sorted(e.t_sim_s for e in log if e.provider == name)
+        assert (len(starts) - 1) / ((starts[-1] - starts[0]) / 60) >= 0.9 * rpm
+
+
+def test_different_models_keep_to_the_chain_unless_finish_by_needs_the_backup():
+    profile = EmulatorProfile(seed=5, providers=HEALTHY)
+    outcomes, _, _, end = night(DIFFERENT_MODELS, profile, 200, concurrency=None)
+    assert set(outcomes.values()) == {"primary"}  # one model's look: time allowed it
+    # the primary alone needs 200 / 9.5 = 21 minutes; finish in 18
+    finish_by = (datetime.now(UTC) + timedelta(minutes=18)).isoformat()
+    config = DIFFERENT_MODELS + f"finish_by: '{finish_by}'\n"
+    outcomes, log, _, end = night(config, profile, 200, concurrency=None)
+    assert len(outcomes) == 200 and end <= 18 * 60
+    backup = sum(1 for v in outcomes.values() if v == "backup")
+    # only what the primary cannot do in time goes to the backup, not a third of the night
+    assert 0 < backup < 200 / 3
+    assert not any(e.fault.startswith("rate_limited") for e in log)
+    # and a finish_by the primary meets on its own sends nothing down the chain
+    roomy = (datetime.now(UTC) + timedelta(minutes=40)).isoformat()
+    outcomes, _, _, _ = night(DIFFERENT_MODELS + f"finish_by: '{roomy}'\n", profile, 200)
+    assert set(outcomes.values()) == {"primary"}
+
+
+def test_after_an_overload_the_primary_is_back_at_full_pace_within_a_few_successes():
+    window = Window(start_s=300, duration_s=900, rate=0.9, extra_latency_s=40, ramp_s=120)
+    profile = EmulatorProfile(
+        seed=2,
+        providers={
+            "primary": ProviderProfile(
+                rpm=10, latency_median_s=45, latency_p99_s=100, overload_windows=[window]
+            ),
+            "backup": HEALTHY["backup"],
+        },
+    )
+    outcomes, log, events, end = night(DIFFERENT_MODELS, profile, 200, concurrency=None)
+    assert len(outcomes) == 200 and set(outcomes.values()) <= {"primary", "backup"}
+    closed = [t for e, p, t in events if e == "imagebatch.circuit.closed" and p == "primary"][-1]
+    after = sorted(e.t_sim_s for e in log if e.provider == "primary" and e.t_sim_s > closed)
+    # slow start: a quarter, a half, then the full pace as successes come back; every call
+    # waiting meanwhile takes each faster pace at once (not the slot it booked at a quarter)
+    gaps = [b - a for a, b in itertools.pairwise(after)]
+    full = 60 / 9.5
+    assert len(gaps) > 20 and all(g <= 4 * full * 1.01 for g in gaps)
+    assert sum(g > 2 * full * 1.01 for g in gaps) <= 2 and sum(g > full * 1.01 for g in gaps) <= 5
+    assert max(gaps[5:]) <= full * 1.01
+    # the quota after the circuit closed: the calls left end one latency after the last start
+    assert end - closed <= (len(after) - 1) / 9.5 * 60 + 3 * 60 + 100
+
+
+def test_a_provider_that_sends_three_blank_images_in_a_row_is_out_for_the_night():
+    blank = lambda name, n: errors.BlankImage("blank") if name == "primary" else "ok"  # noqa: E731
+    router, sim, _ = _router(CHAIN)
+    results = [_attempt(router, sim, Prompt(id=f"p{i}", prompt="x"), blank) for i in range(4)]
+    # the first two end blocked (a silent filter, as far as anyone can tell), the third is the
+    # third blank in a row: the provider is at fault, and that prompt and the rest move on
+    assert [type(r).__name__ for r, _ in results[:2]] == ["BlankImage", "BlankImage"]
+    assert results[2] == ("backup", ["primary", "backup"])
+    assert results[3] == ("backup", ["backup"])
+    # with one provider, the prompts end failed (a fault), not blocked
+    alone = CHAIN.split("  - {name: backup")[0] + "renditions: [{name: o, format: png}]\n"
+    router, sim, _ = _router(alone)
+    results = [_attempt(router, sim, Prompt(id=f"p{i}", prompt="x"), blank) for i in range(4)]
+    assert [r.final_status for r, _ in results] == ["blocked", "blocked", "failed", "failed"]
+    assert "blank images for 3 prompts in a row" in str(results[3][0])
 
 
 # ---------------------------------------------------------------- circuit breaker

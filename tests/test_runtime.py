@@ -145,6 +145,47 @@ def test_outcome_follows_the_failure_threshold(statuses, outcome):
     assert summary.cost_usd == pytest.approx(0.9)  # resumed prompts cost nothing tonight
 
 
+def _judge(records: list[PromptRecord], resumed: set[str] = frozenset()):
+    return summarize(
+        "b",
+        records,
+        resumed=set(resumed),
+        rejected_rows=0,
+        failure_threshold=0.1,
+        blocked_threshold=0.5,
+        manifest_uri="file:///m",
+    )
+
+
+def test_a_night_that_published_nothing_or_mostly_blank_images_is_failed():
+    blank = "ContentRefused: the image is blank or near-uniform (1024x1024, grey-level std dev 0.0)"
+    allblank = _records("blocked", "blocked", "blocked", "blocked")
+    for r in allblank:
+        r.error = blank
+    summary = _judge(allblank)
+    assert summary.outcome == "failed"
+    assert "every image came back blank, the provider's silent filter?" in summary.message
+    refused = _judge(_records("blocked", "blocked"))
+    assert refused.outcome == "failed" and "refused every prompt" in refused.message
+    # more than half blocked is not a normal night, even with some images published
+    mostly = _judge(_records("succeeded", "blocked", "blocked", "blocked"))
+    assert mostly.outcome == "failed" and "over the blocked threshold of 50%" in mostly.message
+    assert _judge(_records("succeeded", "succeeded", "blocked")).outcome == "completed"
+    nothing = _judge(_records("failed", "failed", "skipped"))
+    assert nothing.outcome == "failed" and "no prompt of this run succeeded" in nothing.message
+
+
+def test_a_rerun_with_everything_done_and_a_night_served_by_reuse_are_not_failures():
+    done = _records("succeeded", "succeeded", "blocked")
+    assert _judge(done, resumed={"p0", "p1", "p2"}).outcome == "completed"
+    reused = _records("succeeded", "succeeded")
+    for r in reused:
+        r.reused_from = "night-before"
+    summary = _judge(reused)
+    assert summary.outcome == "completed" and summary.reused == 2
+    assert _judge([]).outcome == "completed"
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [

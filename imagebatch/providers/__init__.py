@@ -41,9 +41,10 @@ REGISTRY: dict[str, type[ImageProvider]] = {
 
 
 def build_provider(
-    config: ProviderConfig, env: Mapping[str, str], *, index: int = 0
+    config: ProviderConfig, env: Mapping[str, str], *, index: int = 0, time_scale: float = 1.0
 ) -> ImageProvider:
-    """Instantiate the adapter for one chain entry."""
+    """Instantiate the adapter for one chain entry; its timeout in this clock's seconds (the
+    emulator's ``time_scale`` divides every provider-time setting, as it divides latencies)."""
     cls = REGISTRY.get(config.kind)
     if cls is None:
         raise ConfigError(
@@ -51,4 +52,6 @@ def build_provider(
             source="config",
             key=f"providers[{index}].kind",
         )
+    if time_scale != 1.0:
+        config = config.model_copy(update={"timeout_s": config.timeout_s / time_scale})
     return cls(config, env)

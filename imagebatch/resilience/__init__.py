@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from imagebatch.config import BatchConfig, ProviderConfig
+from imagebatch.config import DEFAULT_LATENCY_S, BatchConfig, ProviderConfig, finish_by_time
 from imagebatch.resilience.budget import RetryBudget, SpendCap
 from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance, FileUsageStore, MemoryUsageStore, UsageStore
@@ -122,9 +122,16 @@ def build_router(
                 ),
                 daily=daily,
                 key=usage_key(provider),
+                group=provider.share_group(),
             )
         )
     deadline = None if config.deadline_s is None else clock() + config.deadline_s / time_scale
+    finish_by = None
+    if config.finish_by is not None:  # a time of day: how far off it is, in this clock's seconds
+        start = now()
+        until = (finish_by_time(config.finish_by, start.astimezone()) - start).total_seconds()
+        finish_by = clock() + until / time_scale
+    latencies = [p.limits.latency_s or DEFAULT_LATENCY_S for p in config.providers]
     return Router(
         lanes=lanes,
         strategy=routing.strategy,
@@ -139,4 +146,7 @@ def build_router(
         emit=emit,
         on_attempt=on_attempt,
         shared=shared or NoSharedLimits(),
+        share_same_model=routing.share_same_model,
+        finish_by=finish_by,
+        latency_s=max(latencies) / time_scale,
     )

@@ -137,10 +137,13 @@ class ProviderGate:
         self._starts.append(admission)
         return admission
 
-    async def acquire(self, abandon: Callable[[], bool] = lambda: False) -> Admission | None:
+    async def acquire(
+        self, abandon: Callable[[float], bool] = lambda left: False
+    ) -> Admission | None:
         """Wait for an in-flight place, then for the next start; ``release`` it after the call.
 
-        ``abandon`` is asked at least every 5 provider seconds while waiting; when it says so
+        ``abandon(left)`` (``left``: seconds until this request's turn) is asked at least every
+        5 provider seconds while waiting, and when the pace changes; when it says so
         (the circuit opened meanwhile) the place is given back at once and None is returned,
         instead of the request queueing behind the pace it no longer needs.
         """
@@ -153,7 +156,7 @@ class ProviderGate:
                 admission = self.reserve()
                 while True:
                     while self.clock() < admission.started and epoch == self._epoch:
-                        if abandon():
+                        if abandon(admission.started - self.clock()):
                             admission.admitted = False
                             self._in_flight.release()
                             return None
@@ -171,7 +174,7 @@ class ProviderGate:
                     break
                 # a hint or a lesson (429, 503) arrived meanwhile: claim a slot under the new pace
                 admission.admitted = False
-            if abandon():
+            if abandon(0.0):
                 admission.admitted = False
                 self._in_flight.release()
                 return None

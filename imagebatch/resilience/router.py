@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from imagebatch.errors import (
     AuthenticationFailed,
+    BlankImage,
     BudgetReached,
     ContentRefused,
     DailyQuotaExhausted,
@@ -50,6 +51,8 @@ T = TypeVar("T")
 #: errors that say a provider is overloaded or unavailable: they count toward opening its circuit
 CIRCUIT_ERRORS = (ProviderOverloaded, ProviderServerError, ProviderTimeout, ProviderConnectionError)
 Emit = Callable[[str, str, dict[str, Any]], None]
+#: blank images from one provider for this many prompts in a row: the provider is at fault
+BLANK_STREAK_FAULTY = 3
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Lane:
     disabled_state: str | None = None  # "auth_failing" or "model_missing", for the health record
     key: str = ""  # the provider's account-and-model key (daily usage, health)
     used: bool = False  # whether this run sent it anything (only then is its health recorded)
+    blank_streak: int = 0  # prompts in a row it answered with a blank image
+    group: str = ""  # providers of one group (the same model) share prompts
 
 
 @dataclass
@@ -107,6 +112,10 @@ class Router:
     emit: Emit = lambda event, provider, payload: None
     on_attempt: Callable[[Any, AttemptInfo], None] = lambda prompt, info: None
     shared: SharedLimits = field(default_factory=NoSharedLimits)
+    share_same_model: bool = True  # a prompt goes to the group's provider that starts it first
+    finish_by: float | None = None  # clock time by which the batch should be done
+    latency_s: float = 60.0  # a call's typical latency (clock seconds), for the finish_by estimate
+    _backlog: set[str] | None = None  # prompts not settled yet (for finish_by)
     _streaks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     _active: str | None = None
     _refused: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -129,25 +138,85 @@ class Router:
         usable = [lane for lane in self.order(prompt) if self._usable(lane)]
         others_ok = len(usable) > 1
         usable = [lane for lane in usable if lane.name not in self._refused.get(prompt.id, ())]
+        candidates = []
         for lane in usable:
             if lane.gate.paused_for() > self.patience_s and others_ok:
                 continue
             if others_ok and self._spills(lane, usable):
                 continue  # its queue is long and another provider can start this sooner
-            streak = self._streaks[(prompt.id, lane.name)]
+            streak = self._streaks.get((prompt.id, lane.name), 0)
             if streak >= self.move_prompt_after and others_ok:
                 continue  # this request keeps failing here: let another provider try it
             if streak and not lane.retries.can_retry():
                 continue
             if lane.circuit.available_in() > 0:
                 continue
+            candidates.append(lane)
+        for lane in self._soonest_first(prompt, candidates):
             ticket = lane.circuit.allow()
             if ticket is None:
                 continue
             if not ticket.probe:  # a probe is not a failback until it succeeds
                 self._note_route(prompt, lane)
-            return _Choice(lane, ticket, retry=streak > 0)
+            return _Choice(lane, ticket, retry=self._streaks.get((prompt.id, lane.name), 0) > 0)
         return None
+
+    def _soonest_first(self, prompt: Any, candidates: list[Lane]) -> list[Lane]:
+        """The candidates in chain order, except that among the ones sharing the first one's
+        prompts (its group; every candidate when ``finish_by`` needs them) the one that can
+        start the prompt soonest goes first (the chain's order breaks ties)."""
+        if len(candidates) < 2:
+            return candidates
+        peers = [c for c in candidates if self._share(prompt, candidates[0], c)]
+        if len(peers) < 2:
+            return candidates
+        best = min(peers, key=lambda c: (c.gate.start_in(), candidates.index(c)))
+        return [best, *(c for c in candidates if c is not best)]
+
+    def _share(self, prompt: Any, a: Lane, b: Lane) -> bool:
+        """Whether ``a`` and ``b`` take this prompt interchangeably: the same model (group),
+        or different ones while the preferred providers alone would miss ``finish_by``."""
+        if a is b:
+            return True
+        return (self.share_same_model and a.group == b.group) or self._behind(prompt)
+
+    # ------------------------------------------------------------------ finish_by
+
+    def expect(self, prompt_ids: list[str]) -> None:
+        """The prompts this run has to settle (what the ``finish_by`` estimate counts)."""
+        self._backlog = set(prompt_ids)
+
+    def settled(self, prompt_id: str) -> None:
+        """A prompt ended (succeeded, failed, blocked, skipped, or reused)."""
+        if self._backlog is not None:
+            self._backlog.discard(prompt_id)
+
+    def _behind(self, prompt: Any) -> bool:
+        """Whether the preferred providers alone (the first usable one and its group) would
+        finish the prompts left after ``finish_by``: then every provider takes prompts."""
+        if self.finish_by is None or self._backlog is None:
+            return False
+        now = self.clock()
+        if now >= self.finish_by:
+            return True
+        chain = [lane for lane in self.order(prompt) if not self._down(lane)]
+        if not chain:
+            return True
+        preferred = [
+            lane
+            for lane in chain
+            if lane is chain[0] or (self.share_same_model and lane.group == chain[0].group)
+        ]
+        per_s = sum(self._throughput(lane) for lane in preferred)
+        elsewhere = sum(lane.gate.in_flight for lane in self.lanes if lane not in preferred)
+        todo = max(0, len(self._backlog) - elsewhere)
+        return now + todo / per_s + self.latency_s > self.finish_by
+
+    def _throughput(self, lane: Lane) -> float:
+        """Prompts per clock second ``lane`` finishes at its current pace and in-flight cap."""
+        by_flight = lane.gate.settings.max_in_flight / max(self.latency_s, 1e-9)
+        interval = lane.gate.interval()
+        return by_flight if interval <= 0 else min(1.0 / interval, by_flight)
 
     def _short_queue(self, lane: Lane) -> bool:
         return self.spill_over_s is None or lane.gate.start_in() <= self.spill_over_s
@@ -165,25 +234,33 @@ class Router:
             for other in usable
         )
 
-    def _better_than(self, prompt: Any, lane: Lane) -> bool:
-        """Whether a provider before ``lane`` in this prompt's order could take it now.
+    def _better_than(self, prompt: Any, lane: Lane, left: float) -> bool:
+        """Whether a provider before ``lane`` in this prompt's order should take it instead,
+        the prompt having ``left`` seconds to wait at ``lane``.
 
         Prompts queued at a backup's slower gate move back as soon as the primary recovers,
         instead of draining at the backup's pace; one of them probes it when a probe is due.
+        Between providers that share prompts (one model), a prompt moves only to a clearly
+        earlier start.
         """
         for other in self.order(prompt):
             if other is lane:
                 return False
-            if (
+            if not (
                 self._usable(other)
                 # closed, or open with its probe due: a queued prompt can be that probe
                 and other.circuit.available_in() == 0
                 and other.gate.paused_for() <= self.patience_s
                 and other.gate.in_flight < other.gate.settings.max_in_flight
-                and self._short_queue(other)  # not back into a queue it spilled from
-                and self._streaks[(prompt.id, other.name)] < self.move_prompt_after
+                and self._streaks.get((prompt.id, other.name), 0) < self.move_prompt_after
                 and other.name not in self._refused.get(prompt.id, ())
             ):
+                continue
+            if self._share(prompt, other, lane):
+                step = max(other.gate.interval(), 1.0 / other.gate.settings.time_scale)
+                if other.gate.start_in() + step < left:
+                    return True
+            elif self._short_queue(other):  # not back into a queue it spilled from
                 return True
         return False
 
@@ -261,6 +338,15 @@ class Router:
 
     async def attempt(self, prompt: Any, call: Callable[[str], Awaitable[T]]) -> T:
         """One attempt of ``prompt``: ``call(provider_name)`` on the best provider now."""
+        try:
+            result = await self._attempt(prompt, call)
+        except GiveUpError:
+            self.settled(prompt.id)
+            raise
+        self.settled(prompt.id)
+        return result
+
+    async def _attempt(self, prompt: Any, call: Callable[[str], Awaitable[T]]) -> T:
         declined: list[MoveOnError] = []
         while True:
             self._check_deadline()
@@ -296,9 +382,12 @@ class Router:
             except MoveOnError as exc:
                 declined.append(exc)
                 continue
-            except ContentRefused:
+            except ContentRefused as exc:
                 refused = self._refused[prompt.id]
                 refused.add(lane.name)
+                if isinstance(exc, BlankImage) and lane.disabled is not None:
+                    declined.append(MoveOnError(lane.disabled, http_status=exc.http_status))
+                    continue  # a faulty provider, not a refused prompt: down the chain
                 if self.refused_failover and any(
                     self._usable(x) and x.name not in refused for x in self.lanes
                 ):
@@ -314,7 +403,9 @@ class Router:
         call: Callable[[str], Awaitable[T]],
     ) -> T:
         admission = await lane.gate.acquire(
-            abandon=lambda: not lane.circuit.valid(ticket) or self._better_than(prompt, lane)
+            abandon=lambda left: (
+                not lane.circuit.valid(ticket) or self._better_than(prompt, lane, left)
+            )
         )
         if admission is None:  # its circuit opened, or a better provider is free: choose again
             self.spend.settle(price, charged=False)
@@ -345,6 +436,7 @@ class Router:
         if ticket.probe:  # back, or lucky once in an overload: a quarter of the pace, doubling
             lane.gate.slow_start()
         lane.retries.refill()
+        lane.blank_streak = 0
         self._streaks.pop((prompt.id, lane.name), None)
         return result
 
@@ -363,7 +455,15 @@ class Router:
                     lane.gate.pause(exc.retry_after)
             return
         lane.circuit.record_failure(ticket, counts=False)  # it answered: it is up
-        if isinstance(exc, DailyQuotaExhausted):
+        if isinstance(exc, ContentRefused):
+            lane.blank_streak = lane.blank_streak + 1 if isinstance(exc, BlankImage) else 0
+            if lane.blank_streak >= BLANK_STREAK_FAULTY and lane.disabled is None:
+                lane.disabled = (
+                    f"it returned blank images for {lane.blank_streak} prompts in a row (a silent "
+                    "filter gone wrong, or a fault): not used for the rest of the run"
+                )
+                self.emit("imagebatch.provider.faulty", lane.name, {"reason": lane.disabled})
+        elif isinstance(exc, DailyQuotaExhausted):
             lane.daily.exhaust()
             self.emit("imagebatch.quota.exhausted", lane.name, {"error": str(exc)})
         elif isinstance(exc, MoveOnError):
