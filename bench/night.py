@@ -45,13 +45,25 @@ from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
 
 PRIMARY_RPM, BACKUP_RPM = 10.0, 5.0
 PRICES = {"primary": 0.134, "backup": 0.04}  # USD per image: Gemini 3 Pro Image 1K, gpt-image
+#: the defaults variant's backup is a second account of the primary's model, at its price
+SAME_MODEL_PRICES = {"primary": 0.134, "backup": 0.134}
 LATENCY = {"latency_median_s": 45.0, "latency_p99_s": 100.0, "image_px": 32}
 BACKUP_LATENCY = {"latency_median_s": 30.0, "latency_p99_s": 80.0, "image_px": 32}
 CLIENT_TIMEOUT_S = 120.0  # every contender's per-call timeout (simulated seconds)
 PROBE_INTERVAL_S = 300.0  # imagebatch's probe interval; LiteLLM's cooldown is set the same
 HINT_SLACK_S = 1.0  # a call this soon after a 429 was already on its way, not a broken hint
-CONTENDERS = ("naive", "litellm", "imagebatch")
-SCRIPTS = {"naive": "naive.py", "litellm": "litellm_router.py", "imagebatch": "imagebatch.py"}
+#: imagebatch on a new user's defaults first (two accounts of one model; a chain of two models;
+#: that chain with a finish_by), then as tuned (``spill_over_s``, in-flight caps by hand)
+IMAGEBATCH = ("imagebatch-defaults", "imagebatch-chain", "imagebatch-finish-by", "imagebatch")
+CONTENDERS = ("naive", "litellm", *IMAGEBATCH)
+SCRIPTS = {
+    "naive": "naive.py",
+    "litellm": "litellm_router.py",
+    **{name: "imagebatch.py" for name in IMAGEBATCH},
+}
+#: the variants that run only some scenarios (to keep the whole benchmark within 30 minutes)
+ONLY_IN = {"imagebatch-chain": {"overload", "outage"}, "imagebatch-finish-by": {"steady"}}
+FINISH_BY_MIN = 18.0  # bench/contenders/imagebatch.py sets finish_by this far after the start
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 LITELLM_SPEC = "litellm>=1.110,<2"
 
@@ -141,8 +153,11 @@ def _end(entry, scale: float) -> float:
     return entry.t_sim_s + entry.latency_s * scale
 
 
-def figures(log: list, scenario: Scenario, prompts: int, scale: float) -> dict:
+def figures(
+    log: list, scenario: Scenario, prompts: int, scale: float, prices: dict | None = None
+) -> dict:
     """Every figure of one run, from the emulator's log (what the providers saw)."""
+    prices = prices or PRICES
     calls = len(log)
     ok = [e for e in log if e.status == 200]
     completed = len({e.prompt for e in ok})
@@ -189,8 +204,19 @@ def figures(log: list, scenario: Scenario, prompts: int, scale: float) -> dict:
         row["primary calls after its 3rd failure, in the window"] = (
             sum(third < e.t_sim_s < end for e in primary) if third is not None else None
         )
-        back = [e.t_sim_s for e in primary if e.t_sim_s >= end and e.status == 200]
-        row["failback after (sim s)"] = round(back[0] - end) if back else None
+        back = [e for e in primary if e.t_sim_s >= end and e.status == 200]
+        row["failback after (sim s)"] = round(back[0].t_sim_s - end) if back else None
+        if back and makespan:
+            # after the circuit closed (the first success of the primary after the window came
+            # back), the prompts with no successful call started yet need the whole quota (15
+            # RPM) plus one median latency: how much later than that the night ended
+            closed = _end(back[0], scale)
+            started = {e.prompt for e in ok if e.t_sim_s <= closed}
+            left = prompts - len(started)
+            allowed = closed + left * 60 / (PRIMARY_RPM + BACKUP_RPM) + LATENCY["latency_median_s"]
+            row["end after close - quota time (sim min)"] = round(
+                (first + makespan - allowed) / 60, 2
+            )
 
     hinted = [e for e in log if e.status == 429 and e.hint_s]
     broken = 0
@@ -203,8 +229,11 @@ def figures(log: list, scenario: Scenario, prompts: int, scale: float) -> dict:
         ):
             broken += 1
     row["hints honoured"] = round(1 - broken / len(hinted), 3) if hinted else None
-    cost = sum(PRICES[e.provider] for e in ok)
+    cost = sum(prices[e.provider] for e in ok)
     row["cost per 1,000 images (USD)"] = round(cost / completed * 1000, 2) if completed else None
+    row["backup share"] = (
+        round(sum(e.provider == "backup" for e in ok) / len(ok), 3) if ok else None
+    )
     return row
 
 
@@ -285,6 +314,8 @@ def run_one(
             "--seed",
             str(seed),
         ]
+        if contender.startswith("imagebatch-"):
+            args += ["--variant", contender.removeprefix("imagebatch-")]
         stderr = work / "stderr.log"  # the contender's own logs (LiteLLM's are loud)
         with stderr.open("w") as errors:
             child = subprocess.Popen(
@@ -301,7 +332,10 @@ def run_one(
             tail = stderr.read_text()[-3000:]
             raise RuntimeError(f"{contender} on {scenario.name} (seed {seed}) failed:\n{tail}")
         log = list(server.emulator.log)
-    row = figures(log, scenario, prompts, scale)
+    prices = SAME_MODEL_PRICES if contender == "imagebatch-defaults" else PRICES
+    row = figures(log, scenario, prompts, scale, prices)
+    if contender == "imagebatch-finish-by" and row.get("makespan (sim min)"):
+        row["finish_by met"] = 1.0 if row["makespan (sim min)"] <= FINISH_BY_MIN else 0.0
     wall = result["wall_s"]
     row["wall s"] = round(wall, 1)
     row["CPU s"] = round(result["cpu_s"], 1)
@@ -326,6 +360,11 @@ def expected_wall_s(scenario: Scenario, contender: str, prompts: int, scale: flo
     if contender == "litellm":  # unpaced: 40 at a time, each given up after three tries
         return prompts / 40 * LATENCY["latency_median_s"] * 3 / scale
     return scenario.capacity_bound_s(prompts) / scale
+
+
+def cap_group(contender: str) -> str:
+    """Contenders whose runs count against one cap: imagebatch's share one Prefect server."""
+    return contender.split("-")[0]
 
 
 Job = tuple[str, str, int]  # scenario, contender, seed
@@ -355,9 +394,10 @@ def run_jobs(
         with changed:
             while pending:
                 for job in pending:
-                    if running.get(job[1], 0) < caps.get(job[1], slots):
+                    group = cap_group(job[1])
+                    if running.get(group, 0) < caps.get(group, slots):
                         pending.remove(job)
-                        running[job[1]] = running.get(job[1], 0) + 1
+                        running[group] = running.get(group, 0) + 1
                         return job
                 changed.wait()
             return None
@@ -374,7 +414,7 @@ def run_jobs(
                     failures.append((job, exc))
             finally:
                 with changed:
-                    running[job[1]] -= 1
+                    running[cap_group(job[1])] -= 1
                     changed.notify_all()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, slots))]
@@ -460,6 +500,9 @@ COLUMNS = [
     ),
     ("failback after (sim s)", "failback (s)", "{:g}"),
     ("hints honoured", "hints honoured", "{:.0%}"),
+    ("end after close - quota time (sim min)", "end vs quota after close (min)", "{:+.1f}"),
+    ("finish_by met", "finish_by met", "{:.0%}"),
+    ("backup share", "backup share", "{:.0%}"),
     ("cost per 1,000 images (USD)", "USD / 1,000", "{:.2f}"),
     ("orchestration CPU / makespan", "CPU / makespan", "{:.1%}"),
     ("busy share of the run", "busy share", "{:.0%}"),
@@ -597,17 +640,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.prompts, args.seeds = 4, args.seeds[:1]
         scales = {"naive": 3000.0, "litellm": 300.0, "imagebatch": 300.0}
+    for name in IMAGEBATCH:  # every imagebatch variant runs at imagebatch's scale
+        scales.setdefault(name, scales["imagebatch"])
 
     chosen = {n: s for n, s in scenarios().items() if n in args.scenarios}
     home = Path(tempfile.mkdtemp(prefix="imagebatch-night-"))
     server, api = (None, None)
-    if "imagebatch" in args.contenders:
+    if any(c.startswith("imagebatch") for c in args.contenders):
         server, api = start_prefect_server(home)
     jobs = [
         (name, contender, seed)
         for name in chosen
         for contender in args.contenders
         for seed in args.seeds
+        if name in ONLY_IN.get(contender, {name})
     ]
     order = {job: i for i, job in enumerate(jobs)}
     # the longest runs first, so the last to finish is a short one

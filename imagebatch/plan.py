@@ -1,19 +1,21 @@
 """Plan before paying: how long a batch will take and what it will cost, from the config alone.
 
 The estimate routes prompts as the router would on a healthy night (each prompt to its preferred
-provider, else down the chain in priority or price order; with ``routing.spill_over_s`` to the
-provider where it would finish first) and gives each provider a share no larger than its daily
-allowance. A provider's throughput is the lower of its pace (the quota less
-the safety margin) and its in-flight cap over its typical latency (Little's law); the batch ends
-when the slowest provider has worked through its share.
+provider, else down the chain in priority or price order; among providers of the same model, and
+with ``routing.spill_over_s`` among all, to the provider where it would finish first; with
+``finish_by``, down the chain once the preferred providers alone would miss it) and gives each
+provider a share no larger than its daily allowance. A provider's throughput is the lower of its
+pace (the quota less the safety margin) and its in-flight cap over its typical latency (Little's
+law); the batch ends when the slowest provider has worked through its share.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from imagebatch.config import DEFAULT_LATENCY_S, BatchConfig, ProviderConfig
+from imagebatch.config import DEFAULT_LATENCY_S, BatchConfig, ProviderConfig, finish_by_time
 from imagebatch.models import Prompt
 
 __all__ = ["DEFAULT_LATENCY_S", "Plan", "ProviderPlan", "plan_batch"]
@@ -89,8 +91,8 @@ def _throughput(provider: ProviderConfig, margin: float) -> tuple[float, str]:
     return (by_quota, "quota") if by_quota <= by_flight else (by_flight, "in flight")
 
 
-def plan_batch(prompts: list[Prompt], config: BatchConfig) -> Plan:
-    """The estimate for ``prompts`` under ``config`` on a healthy night."""
+def plan_batch(prompts: list[Prompt], config: BatchConfig, *, now: datetime | None = None) -> Plan:
+    """The estimate for ``prompts`` under ``config`` on a healthy night starting ``now``."""
     chain = list(config.providers)
     if config.routing.strategy == "cheapest":
         chain.sort(key=lambda p: p.price_for("1K"))
@@ -101,23 +103,44 @@ def plan_batch(prompts: list[Prompt], config: BatchConfig) -> Plan:
     unplaced = 0
     rates = {p.name: _throughput(p, config.routing.margin)[0] for p in chain}
     spill = config.routing.spill_over_s is not None
+    start = (now or datetime.now()).astimezone()
+    window = None  # minutes until finish_by
+    if config.finish_by is not None:
+        window = (finish_by_time(config.finish_by, start) - start).total_seconds() / 60
+
+    def finish(p: ProviderConfig, extra: int = 1) -> float:
+        """Minutes until ``p`` would be done with its share and ``extra`` more prompts."""
+        return (share[p.name] + extra) / rates[p.name] + _latency(p) / 60
+
+    def open_(p: ProviderConfig) -> bool:
+        return room[p.name] is None or room[p.name] > 0
+
     for prompt in prompts:
         order = ([by_name[prompt.provider]] if prompt.provider in by_name else []) + [
             p for p in chain if p.name != prompt.provider
         ]
-        if spill and prompt.provider not in by_name:
-            # spilling over keeps every provider busy: the prompt goes where it would finish
-            # first (the chain's order breaks ties)
-            order.sort(key=lambda p: (share[p.name] + 1) / rates[p.name] + _latency(p) / 60)
-        for provider in order:
-            if room[provider.name] is None or room[provider.name] > 0:
-                if room[provider.name] is not None:
-                    room[provider.name] -= 1
-                share[provider.name] += 1
-                cost[provider.name] += provider.price_for(prompt.size)
-                break
-        else:
+        order = [p for p in order if open_(p)]
+        if not order:
             unplaced += 1
+            continue
+        if prompt.provider not in by_name:
+            first = order[0]
+            peers = [
+                p
+                for p in order
+                if p is first
+                or (config.routing.share_same_model and p.share_group() == first.share_group())
+            ]
+            behind = window is not None and min(finish(p) for p in peers) > window
+            if spill or behind:  # every provider takes prompts: where it finishes first
+                order.sort(key=finish)
+            else:  # the same model's providers share; the chain's order breaks ties
+                order = sorted(peers, key=finish) + [p for p in order if p not in peers]
+        provider = order[0]
+        if room[provider.name] is not None:
+            room[provider.name] -= 1
+        share[provider.name] += 1
+        cost[provider.name] += provider.price_for(prompt.size)
 
     plans = []
     for provider in chain:
@@ -153,6 +176,12 @@ def plan_batch(prompts: list[Prompt], config: BatchConfig) -> Plan:
             f"it needs about {_duration(total_minutes)}, past the deadline of "
             f"{_duration(config.deadline_s / 60)}: the rest would end skipped; raise the quota "
             "or max_in_flight, add a provider, or split the batch"
+        )
+    if window is not None and total_minutes > window:
+        plan.warnings.append(
+            f"it needs about {_duration(total_minutes)} with every provider, past finish_by "
+            f"{config.finish_by} ({_duration(window)} from now): raise the quota, add a "
+            "provider, or split the batch"
         )
     if config.budget_usd is not None and total_cost > config.budget_usd:
         plan.warnings.append(

@@ -61,10 +61,12 @@ def _smoke(tmp_path, *contenders: str) -> list[dict]:
 
 
 def test_every_scenario_runs_and_yields_its_figures(tmp_path):
-    from bench.night import scenarios
+    from bench.night import ONLY_IN, scenarios
 
-    runs = _smoke(tmp_path, "naive", "imagebatch")
-    expected = {(s, c) for s in scenarios() for c in ("naive", "imagebatch")}
+    # imagebatch on a new user's defaults everywhere; a chain of two models where it is run
+    runs = _smoke(tmp_path, "naive", "imagebatch-defaults", "imagebatch-chain")
+    expected = {(s, c) for s in scenarios() for c in ("naive", "imagebatch-defaults")}
+    expected |= {(s, "imagebatch-chain") for s in ONLY_IN["imagebatch-chain"]}
     assert {(r["scenario"], r["contender"]) for r in runs} == expected
     for run in runs:
         figures = run["figures"]
@@ -73,7 +75,7 @@ def test_every_scenario_runs_and_yields_its_figures(tmp_path):
         assert 0 <= figures["429 share"] <= 1 and figures["CPU s"] >= 0 < figures["wall s"]
         if scenarios()[run["scenario"]].window:
             assert set(WINDOWED) <= set(figures), run
-    for contender in ("naive", "imagebatch"):
+    for contender in ("naive", "imagebatch-defaults", "imagebatch-chain"):
         assert (tmp_path / f"overload-{contender}.png").stat().st_size > 1000
 
 
@@ -92,6 +94,7 @@ def test_runs_at_once_keep_each_contenders_cap_and_a_failure_stops_nothing():
 
     def work(job):
         scenario, contender, seed = job
+        contender = contender.split("-")[0]
         with lock:
             active[contender] += 1
             most[contender] = max(most[contender], active[contender])
@@ -105,8 +108,10 @@ def test_runs_at_once_keep_each_contenders_cap_and_a_failure_stops_nothing():
             with lock:
                 active[contender] -= 1
 
-    jobs = [("steady", "imagebatch", s) for s in (1, 2, 13)] + [
-        ("steady", "naive", s) for s in (1, 2)
+    # the imagebatch variants share imagebatch's cap (one Prefect server)
+    jobs = [("steady", "imagebatch", s) for s in (1, 13)] + [
+        ("steady", "imagebatch-defaults", 2),
+        *(("steady", "naive", s) for s in (1, 2)),
     ]
     finished = []
     runs, failures = run_jobs(jobs, work, slots=3, caps={"imagebatch": 1}, done=finished.append)
@@ -117,7 +122,7 @@ def test_runs_at_once_keep_each_contenders_cap_and_a_failure_stops_nothing():
         ("imagebatch", 2),
         ("naive", 1),
         ("naive", 2),
-    ]
+    ]  # Run records the cap group the work function was given
     assert finished == runs
     assert [(job, str(exc)) for job, exc in failures] == [
         (("steady", "imagebatch", 13), "the server went away")

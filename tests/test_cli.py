@@ -399,3 +399,47 @@ def test_rerun_runs_only_what_did_not_succeed_and_blocked_only_on_request(tmp_pa
 def test_rerun_names_a_missing_manifest(tmp_path, prefect_server):
     result = _imagebatch("rerun", "nope/manifest.jsonl", api_url=prefect_server, cwd=tmp_path)
     assert result.returncode == 2 and "no batch settings (_batch.json) beside it" in result.stderr
+
+
+def test_a_night_of_blank_images_is_failed_with_the_reason_and_exit_1(tmp_path, prefect_server):
+    from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile, ScriptedFault
+
+    # the provider's silent filter answers every prompt with an all-black image
+    profile = EmulatorProfile(
+        providers={
+            "primary": ProviderProfile(script=[ScriptedFault(first=1, last=1000, fault="blank")])
+        }
+    )
+    config = (ROOT / "examples" / "emulator.yaml").read_text()
+    only_primary = config.split("  - name: backup")[0] + config[config.index("routing:") :]
+    with EmulatorServer(profile) as server:
+        (tmp_path / "config.yaml").write_text(
+            only_primary.replace("http://127.0.0.1:8600", server.url)
+        )
+        result = _imagebatch(
+            "run",
+            str(EXAMPLE),
+            "--config",
+            "config.yaml",
+            "--output",
+            "out",
+            "--batch-id",
+            "blank",
+            "--quiet",
+            api_url=prefect_server,
+            cwd=tmp_path,
+            env={"GEMINI_API_KEY": "k", "IMAGEBATCH_TIME_SCALE": "100"},
+        )
+    n = len(EXAMPLE.read_text().splitlines())
+    assert result.returncode == 1, result.stderr[-3000:]
+    # two blank images may be the filter; the third in a row says the provider is at fault:
+    # the rest fail (one provider: nowhere to go), and nothing was published
+    assert f"batch blank: Failed (0 succeeded, 2 blocked, {n - 2} failed of {n} prompts" in (
+        result.stdout
+    )
+    assert "nothing published: a provider returned blank images" in result.stdout
+    records = [
+        json.loads(x) for x in (tmp_path / "out/blank/manifest.jsonl").read_text().splitlines()
+    ]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert all("blank images for 3 prompts in a row" in r["error"] for r in failed)

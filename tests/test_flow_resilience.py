@@ -28,14 +28,14 @@ providers:
     base_url: {url}/p/primary
     api_key_env: EMULATOR_KEY
     limits: {{rpm: {rpm}, max_in_flight: 8}}
-    timeout_s: 10
+    timeout_s: {timeout}
   - name: backup
     kind: openai
     model: gpt-image-1.5
     base_url: {url}/p/backup
     api_key_env: EMULATOR_KEY
     limits: {{rpm: {rpm}, max_in_flight: 2}}
-    timeout_s: 10
+    timeout_s: {timeout}
 routing: {{failover_after: 3, probe_interval_s: {probe}}}
 retry: {{base_delay_s: 0.2, max_delay_s: 1}}
 renditions: [{{name: original, format: png}}]
@@ -55,8 +55,10 @@ def run_batch(tmp_path, prefect_server, monkeypatch):
         rpm=600,
         probe=300,
         only_primary=False,
+        timeout=10,
     ):
-        text = CONFIG.format(url=server.url, rpm=rpm, probe=probe)
+        # timeout_s, like every provider time, is divided by IMAGEBATCH_TIME_SCALE
+        text = CONFIG.format(url=server.url, rpm=rpm, probe=probe, timeout=timeout)
         if only_primary:
             text = text.split("  - name: backup")[0] + text[text.index("routing:") :]
         (tmp_path / "config.yaml").write_text(text)
@@ -156,7 +158,7 @@ def test_a_quota_equal_to_the_configured_one_gets_no_429(run_batch, monkeypatch)
         time_scale=5, providers={"primary": ProviderProfile(rpm=30, latency_median_s=10)}
     )
     with EmulatorServer(profile) as server:
-        state, records = run_batch(server, 40, "quota-1", rpm=30, only_primary=True)
+        state, records = run_batch(server, 40, "quota-1", rpm=30, only_primary=True, timeout=120)
         statuses = [e.status for e in server.emulator.log]
     assert state.name == "Completed"
     assert statuses == [200] * 40
@@ -195,3 +197,59 @@ def test_the_next_batch_starts_from_the_recorded_provider_health(run_batch):
     assert [e.provider for e in second] == ["backup"] * 6  # not one call to the primary
     messages = _poll_logs(state.state_details.flow_run_id, "recorded provider health")
     assert any("primary was overloaded" in m and "probe first" in m for m in messages)
+
+
+SAME_MODEL = """
+providers:
+  - name: studio
+    kind: gemini
+    model: gemini-3-pro-image-preview
+    base_url: {url}/p/studio
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: 10}}
+  - name: second-account
+    kind: gemini
+    model: models/gemini-3-pro-image-preview
+    base_url: {url}/p/second
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: 5}}
+renditions: [{{name: original, format: png}}]
+"""
+
+
+def test_two_accounts_of_one_model_share_the_night_on_the_defaults(
+    tmp_path, prefect_server, monkeypatch
+):
+    """What a new user writes (quotas only, no in-flight caps, no spill-over): both accounts
+    work at once, each at its own pace, and neither gets a 429."""
+    from flows.nightly_batch import nightly_batch
+
+    monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
+    monkeypatch.setenv("IMAGEBATCH_TIME_SCALE", "10")
+    healthy = {"latency_median_s": 30, "latency_p99_s": 60}
+    profile = EmulatorProfile(
+        time_scale=10,
+        providers={
+            "studio": ProviderProfile(rpm=10, **healthy),
+            "second": ProviderProfile(rpm=5, **healthy),
+        },
+    )
+    with EmulatorServer(profile) as server:
+        (tmp_path / "config.yaml").write_text(SAME_MODEL.format(url=server.url))
+        (tmp_path / "p.jsonl").write_text(
+            "".join(
+                json.dumps({"id": f"p{i:02d}", "prompt": f"prompt {i}"}) + "\n" for i in range(30)
+            )
+        )
+        params = BatchRun(
+            prompts=str(tmp_path / "p.jsonl"),
+            config=str(tmp_path / "config.yaml"),
+            output=str(tmp_path / "out"),
+            batch_id="shared-model",
+        )
+        state = asyncio.run(nightly_batch(run=params, return_state=True))
+        log = list(server.emulator.log)
+    assert state.name == "Completed"
+    assert [e.status for e in log] == [200] * 30
+    served = {name: sum(e.provider == name for e in log) for name in ("studio", "second")}
+    assert served["studio"] > served["second"] > 5  # the second account takes its share

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import pytest
 
@@ -65,6 +66,28 @@ def test_with_spill_over_each_provider_gets_a_share_that_ends_at_the_same_time()
     pinned = _prompts(10, provider="backup") + _prompts(20)
     plan = plan_batch(pinned, parse_config(CHAIN.format(rpd=1000, extra=extra), source="t"))
     assert {p.name: p.prompts for p in plan.providers} == {"primary": 20, "backup": 10}
+
+
+def test_providers_of_one_model_share_on_the_defaults_and_finish_by_brings_in_the_rest():
+    same = CHAIN.format(rpd=1000, extra="").replace(
+        "kind: openai\n    model: gpt-image-1.5",
+        "kind: vertex-gemini\n    model: publishers/google/models/gemini-3-pro-image-preview",
+    )
+    plan = plan_batch(_prompts(115), parse_config(same, source="t"))
+    assert {p.name: p.prompts for p in plan.providers} == {"primary": 95, "backup": 20}
+    apart = parse_config(CHAIN.format(rpd=1000, extra=""), source="t")
+    assert [p.name for p in plan_batch(_prompts(115), apart).providers] == ["primary"]
+    # the primary alone needs 115 / 9.5 + 1 = 13.1 min; finish in 11: the backup takes some
+    start = datetime(2026, 12, 1, 1, 0, tzinfo=UTC)
+    extra = "finish_by: '01:11 UTC'"
+    plan = plan_batch(
+        _prompts(115), parse_config(CHAIN.format(rpd=1000, extra=extra), source="t"), now=start
+    )
+    shares = {p.name: p.prompts for p in plan.providers}
+    assert shares["backup"] > 0 and plan.minutes <= 11.0 and plan.feasible
+    roomy = CHAIN.format(rpd=1000, extra="finish_by: '01:30 UTC'")
+    plan = plan_batch(_prompts(115), parse_config(roomy, source="t"), now=start)
+    assert [p.name for p in plan.providers] == ["primary"]  # time allows one model's look
 
 
 def test_warnings_for_deadline_budget_and_daily_quota():

@@ -149,9 +149,9 @@ def test_a_hint_that_arrives_while_requests_wait_holds_them_too():
 
 
 def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newcomers():
-    # a probe (w0) left at 0 and succeeded: the gate resumes at a quarter of the pace, and 11
-    # requests queue on slots claimed at that pace (25 s apart); then two successes double it
-    # twice, back to the full pace
+    # a probe (w0) left at 0 and succeeded: the gate resumes at half the pace, and 11 requests
+    # queue on slots claimed at that pace (12.6 s apart); then a success doubles it, back to
+    # the full pace
     sim = SimClock()
     gate = ProviderGate(GateSettings(rpm=10, max_in_flight=50), clock=sim, sleep=sim.sleep)
     full = 60 / 9.5
@@ -165,10 +165,9 @@ def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newc
     async def night() -> None:
         await one("w0")
         gate.slow_start()
-        assert gate.interval() == pytest.approx(4 * full)
+        assert gate.interval() == pytest.approx(2 * full)
         waiting = [asyncio.ensure_future(one(f"w{i}")) for i in range(1, 12)]
         await sim.sleep(1)
-        gate.on_success()
         gate.on_success()
         late = asyncio.ensure_future(one("newcomer"))  # arrives the moment it improved
         await asyncio.gather(*waiting, late)
@@ -179,7 +178,7 @@ def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newc
     times = sorted(starts.values())
     assert times[0] == 0 and times[1] == pytest.approx(full)  # one full-pace gap after w0
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps == pytest.approx([full] * 12)  # the full pace at once, not 25 s apart
+    assert gaps == pytest.approx([full] * 12)  # the full pace at once, not 12.6 s apart
 
 
 def test_in_flight_cap_holds():
@@ -487,12 +486,12 @@ def test_after_an_overload_the_primary_is_back_at_full_pace_within_a_few_success
     assert len(outcomes) == 200 and set(outcomes.values()) <= {"primary", "backup"}
     closed = [t for e, p, t in events if e == "imagebatch.circuit.closed" and p == "primary"][-1]
     after = sorted(e.t_sim_s for e in log if e.provider == "primary" and e.t_sim_s > closed)
-    # slow start: a quarter, a half, then the full pace as successes come back; every call
-    # waiting meanwhile takes each faster pace at once (not the slot it booked at a quarter)
+    # slow start: half, then the full pace as soon as a success comes back; every call waiting
+    # meanwhile takes the faster pace at once (not the slot it booked at half)
     gaps = [b - a for a, b in itertools.pairwise(after)]
     full = 60 / 9.5
-    assert len(gaps) > 20 and all(g <= 4 * full * 1.01 for g in gaps)
-    assert sum(g > 2 * full * 1.01 for g in gaps) <= 2 and sum(g > full * 1.01 for g in gaps) <= 5
+    assert len(gaps) > 20 and all(g <= 2 * full * 1.01 for g in gaps)
+    assert sum(g > full * 1.01 for g in gaps) <= 5
     assert max(gaps[5:]) <= full * 1.01
     # the quota after the circuit closed: the calls left end one latency after the last start
     assert end - closed <= (len(after) - 1) / 9.5 * 60 + 3 * 60 + 100
@@ -691,7 +690,7 @@ def _attempt(router, sim, prompt, script):
         return exc, calls
 
 
-def test_a_successful_probe_resumes_at_a_quarter_of_the_pace_doubling_with_each_success():
+def test_a_successful_probe_resumes_at_half_the_pace_doubling_with_each_success():
     # a probe may succeed by luck in the middle of an overload: a full pace at once would send
     # a dozen calls into it before three failures came back and opened the circuit again
     text = CHAIN.split("  - {name: backup")[0] + (
@@ -717,7 +716,7 @@ def test_a_successful_probe_resumes_at_a_quarter_of_the_pace_doubling_with_each_
             _attempt(router, sim, Prompt(id=f"ok{i}", prompt="x"), lambda n, k: n)[0] == "primary"
         )
         rates.append(gate.rate)
-    assert rates == pytest.approx([9.5 / 4, 9.5 / 2, 9.5, 9.5])
+    assert rates == pytest.approx([9.5 / 2, 9.5, 9.5, 9.5])
     # a 503 meanwhile ends the doubling: the pace comes back additively after it
     gate.slow_start()
     gate.on_overload()

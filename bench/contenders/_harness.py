@@ -22,6 +22,7 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--probe-interval-s", type=float, default=300.0, help="simulated")
     parser.add_argument("--work", required=True, help="a directory of this run's own")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--variant", default="", help="a contender's configuration, by name")
     return parser.parse_args()
 
 

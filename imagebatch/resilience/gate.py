@@ -35,6 +35,7 @@ class GateSettings:
     probe_up_after_s: float = 600.0  # clean time before trying one more request per minute
     overload_factor: float = 0.5  # multiplicative slow-down on a 503
     overload_floor: float = 0.25  # ... but never below this share of the target rate
+    slow_start_share: float = 0.5  # after a successful probe: this share, doubling per success
     time_scale: float = 1.0  # the clock's seconds per provider second (the emulator's scale)
 
 
@@ -307,19 +308,22 @@ class ProviderGate:
 
     def slow_start(self) -> None:
         """A probe succeeded: the provider may be back, or only lucky once in an overload.
-        Resume at the overload floor (a quarter of the target) and double with each success,
-        so a lucky probe sends a few calls into a still-overloaded provider, not a full pace."""
+        Resume at half the target and double with each success, so a lucky probe sends a few
+        calls into a still-overloaded provider, not a full pace (a quarter cost about a minute
+        of the night after a real recovery, for two calls fewer after a lucky probe)."""
         target = self._target()
         if target is None or self.rate is None:
             return
-        floor = max(self.settings.min_rpm, target * self.settings.overload_floor)
+        floor = max(self.settings.min_rpm, target * self.settings.slow_start_share)
         self._slow_start = floor < target
+        before = self.interval()
         if self.rate > floor:  # e.g. opened by an earlier run's health record, at full pace
             self.rate = floor
             self.next_slot = max(self.next_slot, self.clock() + self.interval())
             self._new_epoch()  # slots claimed at the faster pace are claimed again
-        else:
-            self._slow_start = self._slow_start and self.rate < target
+        elif self.rate < floor:  # slowed by the 503s that opened the circuit
+            self.rate = floor
+            self._pace_improved(before)
 
     def on_rate_limited(self, admission: Admission | None, retry_after: float | None) -> None:
         """A 429 that is not a daily quota: honour its hint and learn the real ceiling."""

@@ -433,7 +433,7 @@ class Router:
         self._record(prompt, lane, waited, started, None, ticket.probe)
         lane.circuit.record_success(ticket)
         lane.gate.on_success()
-        if ticket.probe:  # back, or lucky once in an overload: a quarter of the pace, doubling
+        if ticket.probe:  # back, or lucky once in an overload: half the pace, doubling
             lane.gate.slow_start()
         lane.retries.refill()
         lane.blank_streak = 0
