@@ -76,24 +76,31 @@ class Scenario:
     primary: ProviderProfile
     backup: ProviderProfile
     real_primary_rpm: float = PRIMARY_RPM
-    #: (start, end) simulated seconds of the window in which the primary cannot serve
+    #: (start, end) simulated seconds of the window in which the primary is overloaded or out
     window: tuple[float, float] | None = None
-    #: the share of the time the primary may be called when every hint is honoured
+    #: the share of the primary's calls that succeed outside the window, and inside it
+    primary_success: float = 1.0
+    window_success: float = 0.0
+    #: the share of the time the primary may be called when every hint is honoured (a client
+    #: policy: only for the labelled extra figure)
     primary_duty: float = 1.0
     notes: str = ""
 
-    def rate_at(self, t: float) -> float:
-        """Requests per second the providers can really serve at simulated second ``t``."""
-        primary = self.real_primary_rpm * self.primary_duty
+    def rate_at(self, t: float, honour_hints: bool = False) -> float:
+        """Successful requests per second the emulator admits to any client at simulated second
+        ``t``: each provider's quota times the share of its calls that succeed (with
+        ``honour_hints``, the primary only for the share of time its hints leave it)."""
+        share = self.primary_duty if honour_hints else self.primary_success
         if self.window and self.window[0] <= t < self.window[1]:
-            primary = 0.0
-        return (primary + BACKUP_RPM) / 60.0
+            share = self.window_success
+        return (self.real_primary_rpm * share + BACKUP_RPM) / 60.0
 
-    def capacity_bound_s(self, prompts: int) -> float:
-        """Least time to serve ``prompts`` at the available quota, plus one median latency."""
+    def capacity_bound_s(self, prompts: int, honour_hints: bool = False) -> float:
+        """Least time for ``prompts`` successes at that rate, plus one median latency: the same
+        for every contender, assuming no client's policy."""
         t, served = 0.0, 0.0
         while served < prompts:
-            served += self.rate_at(t)
+            served += self.rate_at(t, honour_hints)
             t += 1.0
         return t + LATENCY["latency_median_s"]
 
@@ -118,6 +125,7 @@ def scenarios() -> dict[str, Scenario]:
                 ProviderProfile(rpm=PRIMARY_RPM, overload_windows=[overload], **LATENCY),
                 backup,
                 window=(300.0, 1200.0),
+                window_success=0.1,
                 notes="503 to 90% of primary calls for 15 min, latency rising over 2 min before",
             ),
             Scenario(
@@ -131,7 +139,8 @@ def scenarios() -> dict[str, Scenario]:
                 "long-hints",
                 ProviderProfile(rpm=PRIMARY_RPM, rate_429=0.1, hint_s=90.0, **LATENCY),
                 backup,
-                # at full pace a hint comes once a minute and stops the primary for 90 s
+                primary_success=0.9,
+                # honouring each: a hint comes once a minute and stops the primary for 90 s
                 primary_duty=60 / (60 + 0.1 * PRIMARY_RPM * 90),
                 notes="10% of primary calls get a 429 with a 90 s retry hint",
             ),
@@ -139,6 +148,7 @@ def scenarios() -> dict[str, Scenario]:
                 "hangs",
                 ProviderProfile(rpm=PRIMARY_RPM, rate_hang=0.05, hang_s=600.0, **LATENCY),
                 backup,
+                primary_success=0.95,
                 notes="5% of primary calls hang for 600 s, past every client's 120 s timeout",
             ),
         ]
@@ -169,6 +179,9 @@ def figures(
     bound = scenario.capacity_bound_s(prompts)
     row["makespan (sim min)"] = round(makespan / 60, 1) if makespan else None
     row["makespan / capacity bound"] = round(makespan / bound, 2) if makespan else None
+    if scenario.primary_duty != 1.0 and makespan:  # a policy-aware extra, labelled as such
+        honoured = scenario.capacity_bound_s(prompts, honour_hints=True)
+        row["makespan / bound honouring hints"] = round(makespan / honoured, 2)
     row["calls per success"] = round(calls / len(ok), 2) if ok else None
     row["429 share"] = round(sum(e.status == 429 for e in log) / calls, 4)
 
@@ -425,6 +438,50 @@ def run_jobs(
     return runs, failures
 
 
+def tree_usage(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system, reaped children included) and peak RSS in MiB, summed over
+    process ``pid`` and its descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    cpu = rss = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        cpu += sum(int(x) for x in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        hwm = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+        rss += int(hwm[0].split()[1]) / 1024 if hwm else 0.0
+        todo += children.get(current, [])
+    return cpu, rss
+
+
+def charge_server(runs: list[Run], cpu_s: float, rss_mib: float) -> None:
+    """Give each imagebatch run an equal share of the Prefect server's CPU (the server served
+    them all, at once), and the server's peak RSS beside the run's own."""
+    served = [run for run in runs if run.contender.startswith("imagebatch")]
+    for run in served:
+        share = cpu_s / len(served)
+        run.figures["Prefect server CPU s (share)"] = round(share, 1)
+        run.figures["Prefect server peak RSS (MiB)"] = round(rss_mib)
+        if run.figures.get("CPU s") is not None:
+            run.figures["CPU s with server"] = round(run.figures["CPU s"] + share, 1)
+        makespan = run.figures.get("makespan (sim min)")
+        if makespan and "CPU s with server" in run.figures:
+            run.figures["CPU with server / makespan"] = round(
+                run.figures["CPU s with server"] / (makespan * 60), 4
+            )
+
+
 def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     import httpx
 
@@ -489,6 +546,7 @@ COLUMNS = [
     ("prompts completed", "done", "{:g}"),
     ("makespan (sim min)", "makespan (min)", "{:g}"),
     ("makespan / capacity bound", "/ bound", "{:.2f}"),
+    ("makespan / bound honouring hints", "/ bound if hints paused the provider", "{:.2f}"),
     ("calls per success", "calls / success", "{:.2f}"),
     ("429 share", "429 share", "{:.1%}"),
     ("quota used while healthy", "quota used healthy", "{:.0%}"),
@@ -507,8 +565,11 @@ COLUMNS = [
     ("orchestration CPU / makespan", "CPU / makespan", "{:.1%}"),
     ("busy share of the run", "busy share", "{:.0%}"),
     ("CPU s", "CPU s", "{:g}"),
+    ("Prefect server CPU s (share)", "server CPU s (share)", "{:g}"),
+    ("CPU with server / makespan", "CPU with server / makespan", "{:.1%}"),
     ("wall s", "wall s", "{:g}"),
     ("peak RSS (MiB)", "RSS MiB", "{:g}"),
+    ("Prefect server peak RSS (MiB)", "server RSS MiB", "{:g}"),
 ]
 
 
@@ -571,9 +632,15 @@ def write_results(text: str, runs: list[Run], scales: dict, args, total_s: float
     body = results.read_text()
     begin, end = "<!-- night -->", "<!-- /night -->"
     command = "bench/night.py " + " ".join(sys.argv[1:])
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     section = "\n".join(
         [
             begin,
+            f"Measured on commit `{commit or 'unknown'}`. "
             f"Command: `.venv/bin/python {command.strip()}`; {len(runs)} runs in "
             f"{total_s / 60:.1f} min on {os.cpu_count()} cores ({platform.machine()}), "
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
@@ -685,12 +752,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**line, **run.figures}), flush=True)
 
     caps = {"imagebatch": args.imagebatch_jobs}
+    server_cpu, server_rss = 0.0, 0.0
     try:
         runs, failures = run_jobs(jobs, one, slots=args.jobs, caps=caps, done=report)
     finally:
         if server is not None:
+            server_cpu, server_rss = tree_usage(server.pid)
             os.killpg(server.pid, 15)
             server.wait(30)
+    charge_server(runs, server_cpu, server_rss)
     for job, exc in failures:
         print(f"FAILED {' '.join(map(str, job))}: {exc}", file=sys.stderr)
     runs.sort(key=lambda r: order[(r.scenario, r.contender, r.seed)])

@@ -12,7 +12,7 @@ from PIL import Image
 from imagebatch.batch import BatchRun
 from imagebatch.config import parse_config
 from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile, ScriptedFault
-from imagebatch.errors import BadImage, ContentRefused
+from imagebatch.errors import BadImage, BlankImage
 from imagebatch.models import Prompt
 from imagebatch.resilience import MemoryUsageStore
 from imagebatch.runtime import BatchRuntime, is_retryable
@@ -36,7 +36,7 @@ BAD_IMAGES = {
     "truncated": (BadImage, "do not decode as an image"),
     "bomb": (BadImage, "too large to decode safely"),
     "wrong_aspect": (BadImage, "off the requested aspect ratio"),
-    "blank": (ContentRefused, "blank or near-uniform"),
+    "blank": (BlankImage, "blank or near-uniform"),
 }
 
 
@@ -69,7 +69,7 @@ def test_bad_images_fail_the_attempt_with_a_clear_reason(kind, fault, tmp_path):
         record = asyncio.run(runtime.record_failure(prompt, caught.value))
     # a bad image is worth another try; a blank one is the provider refusing the content
     assert is_retryable(caught.value) is (cls is BadImage)
-    assert record.status == ("blocked" if cls is ContentRefused else "failed")
+    assert record.status == ("blocked" if cls is BlankImage else "failed")
     assert reason in record.error and "primary" in record.error
     assert [(a.provider, a.outcome) for a in record.attempts] == [("primary", cls.__name__)]
 
@@ -152,4 +152,6 @@ def test_bad_images_are_retried_and_move_the_prompt_to_the_backup(
         state, record = run("bad-2")
         assert record["status"] == "blocked" and record["provider"] == "primary"
         assert "blank or near-uniform" in record["error"]
-        assert state.is_completed()  # blocked prompts do not fail a batch (DESIGN.md)
+        # a blocked prompt does not fail a batch, but a night that published nothing does
+        assert state.is_failed()
+        assert "nothing published: every image came back blank" in state.message
