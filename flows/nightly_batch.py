@@ -33,6 +33,7 @@ from tasks.report import (
     event_emitter,
     find_blocked,
     find_finished,
+    name_run_after,
     publish_report,
     record_batch,
     start_progress,
@@ -53,7 +54,17 @@ def _run_day() -> datetime:
 _DEFAULT_RUN = BatchRun()
 
 
-@flow(name="nightly-batch")
+def _night_name() -> str:
+    """The run's name when it starts: its batch id (the runs list reads as a log of nights)."""
+    run = flow_run.parameters.get("run", _DEFAULT_RUN)
+    try:
+        run = run if isinstance(run, BatchRun) else BatchRun.model_validate(run)
+    except ValueError:  # the flow's own validation reports it
+        return "nightly-batch"
+    return run.batch_id or default_batch_id(run.prompts, _run_day().date())
+
+
+@flow(name="nightly-batch", flow_run_name=_night_name)
 async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
     """Generate, process and publish every prompt of a batch; resumable by batch id.
 
@@ -179,6 +190,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
     emit_batch_outcome(summary)
+    await name_run_after(summary)
     if summary.outcome == "failed":
         return Failed(message=summary.message, data=summary)
     if summary.outcome == "partial":

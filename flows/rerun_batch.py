@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from flows.nightly_batch import nightly_batch
 from imagebatch.batch import BatchSummary, rerun_params
 
 
-@flow(name="rerun-batch")
+def _rerun_name() -> str:
+    """``<batch> rerun``: the batch is the manifest's folder."""
+    manifest = str(flow_run.parameters.get("manifest", ""))
+    parts = manifest.replace("\\", "/").rstrip("/").split("/")
+    return f"{parts[-2]} rerun" if len(parts) >= 2 and parts[-2] else "rerun"
+
+
+@flow(name="rerun-batch", flow_run_name=_rerun_name)
 async def rerun_batch(
     manifest: str, include_blocked: bool = False, config: str | None = None
 ) -> State[BatchSummary]:

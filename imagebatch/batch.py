@@ -154,6 +154,10 @@ class BatchSummary(BaseModel):
     outcome: Outcome
     message: str
 
+    def title(self) -> str:
+        """``<batch> · <succeeded>/<total> · $<cost>``: the night at a glance (a run's name)."""
+        return f"{self.batch_id} · {self.succeeded}/{self.total} · ${self.cost_usd:.2f}"
+
 
 def summarize(
     batch_id: str,

@@ -7,7 +7,7 @@ import time
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -15,6 +15,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 
 from imagebatch.batch import BatchSummary
@@ -67,6 +68,19 @@ def emit_batch_outcome(summary: BatchSummary) -> None:
         },
         payload=summary.model_dump(mode="json"),
     )
+
+
+async def name_run_after(summary: BatchSummary) -> None:
+    """Rename the running flow run after its night's figures; the runs list shows run names
+    and state names, not state messages. A rename that fails costs the batch nothing."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    try:
+        async with get_client() as client:
+            await client.update_flow_run(context.flow_run.id, name=summary.title())
+    except Exception as exc:  # the API is down or refused: the night's work is done anyway
+        get_run_logger().warning("could not rename the run after its figures: %s", exc)
 
 
 @task(name="find_finished", cache_policy=NO_CACHE)

@@ -61,6 +61,16 @@ def scripted(monkeypatch):
     SCRIPTS.clear()
 
 
+def _flow_run(state):
+    from prefect import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(state.state_details.flow_run_id)
+
+    return asyncio.run(read())
+
+
 def _poll(fetch, ready, timeout: float = 60.0):
     """The server records runs a little after the client finishes: poll with a deadline."""
     deadline = time.monotonic() + timeout
@@ -119,6 +129,9 @@ def test_batch_publishes_renditions_manifest_and_artifacts(batch):
     table = json.loads(by_type["table"].data)
     assert table[0]["provider"] == "primary" and table[0]["succeeded"] == 3
     assert "# Batch `night-1`: completed" in by_type["markdown"].data
+
+    # the runs list shows names: the night's batch, what it published of all, what it cost
+    assert _flow_run(state).name == "night-1 · 3/3 · $0.00"
 
     expected = {"generate-mug", "process-shoe", "publish-lamp"}
     runs = _poll(
@@ -282,6 +295,8 @@ def test_rerun_batch_flow_runs_only_the_unsettled_prompts(batch, scripted):
     summary = state.result()
     assert (summary.batch_id, summary.resumed, summary.succeeded) == ("rerun-flow", 2, 3)
     assert calls == ["p2"]
+    assert _flow_run(state).name == "rerun-flow rerun"
+    assert _flow_run(first).name == "rerun-flow · 2/3 · $0.00"
 
 
 def test_the_run_form_can_set_its_own_deadline(batch, scripted):
