@@ -334,13 +334,21 @@ def run_one(
             child = subprocess.Popen(
                 args, env=env, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=work
             )
+            # a night that hangs (once: a contender idle in its event loop for 35 minutes
+            # before its first request) is killed, and run again by the caller
+            limit = 4 * expected_wall_s(scenario, contender, prompts, scale) + 300
+            watchdog = threading.Timer(limit, child.kill)
+            watchdog.start()
             result: dict = {}
             assert child.stdout is not None
-            for line in child.stdout:
-                if line.strip() == "READY":  # imported: the night begins with its first call
-                    server.emulator.reset(at_first_request=True)
-                elif line.startswith("{"):
-                    result = json.loads(line)
+            try:
+                for line in child.stdout:
+                    if line.strip() == "READY":  # imported: the night begins with its first call
+                        server.emulator.reset(at_first_request=True)
+                    elif line.startswith("{"):
+                        result = json.loads(line)
+            finally:
+                watchdog.cancel()
         if child.wait() != 0 or not result:
             tail = stderr.read_text()[-3000:]
             raise RuntimeError(f"{contender} on {scenario.name} (seed {seed}) failed:\n{tail}")
