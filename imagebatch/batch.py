@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import date, datetime
+from datetime import date
 from pathlib import PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from imagebatch.config import FINISH_BY_PATTERN, finish_by_time
+from imagebatch.config import FinishBy
 from imagebatch.models import SAFE_ID_PATTERN, PromptRecord
 
 __all__ = [
@@ -64,9 +64,8 @@ class BatchRun(BaseModel):
         gt=0,
         description="Send nothing new this many seconds after the start; empty for the config's",
     )
-    finish_by: str | None = Field(
+    finish_by: FinishBy | None = Field(
         default=None,
-        pattern=FINISH_BY_PATTERN,
         description="Finish by this time ('06:00', '06:00 Europe/Berlin' or an ISO date-time): "
         "prompts go down the chain as soon as the preferred providers alone would miss it; "
         "empty for the config's",
@@ -78,13 +77,6 @@ class BatchRun(BaseModel):
         default=False,
         description="Only estimate the time and cost (the plan artifact); generate nothing",
     )
-
-    @field_validator("finish_by")
-    @classmethod
-    def _finish_by_parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            finish_by_time(value, datetime.now().astimezone())
-        return value
 
 
 def rerun_params(

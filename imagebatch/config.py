@@ -11,11 +11,20 @@ import re
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imagebatch.errors import ConfigError
 from imagebatch.models import SAFE_ID_PATTERN
@@ -23,6 +32,7 @@ from imagebatch.models import SAFE_ID_PATTERN
 __all__ = [
     "PROVIDER_KINDS",
     "BatchConfig",
+    "FinishBy",
     "Limits",
     "ProviderConfig",
     "RenditionConfig",
@@ -41,6 +51,17 @@ _MODEL_PREFIXES = re.compile(r"^(projects/[^/]+/locations/[^/]+/)?(publishers/[^
 
 PROVIDER_KINDS = ("gemini", "vertex-gemini", "openai", "stability", "vertex-endpoint", "local")
 FINISH_BY_PATTERN = r"^\s*(([01]\d|2[0-3]):[0-5]\d(\s+\S+)?|\d{4}-\d\d-\d\d[T ].+)\s*$"
+
+
+def _finish_by_parses(value: str) -> str:
+    finish_by_time(value, datetime.now().astimezone())  # raises ValueError with what to write
+    return value
+
+
+#: a ``finish_by`` value, checked as the time it names (the config and the run form alike)
+FinishBy = Annotated[
+    str, StringConstraints(pattern=FINISH_BY_PATTERN), AfterValidator(_finish_by_parses)
+]
 _SECRET_KEYS = {"api_key", "apikey", "key", "token", "secret", "password", "credentials"}
 
 
@@ -253,9 +274,8 @@ class BatchConfig(_Strict):
     deadline_s: float | None = Field(
         default=None, gt=0, description="Stop sending new work this long after the batch starts"
     )
-    finish_by: str | None = Field(
+    finish_by: FinishBy | None = Field(
         default=None,
-        pattern=FINISH_BY_PATTERN,
         description="Finish by this time: 'HH:MM' (the next one after the start, local time), "
         "'HH:MM Area/City', or an ISO date-time; prompts go down the chain as soon as the "
         "preferred providers alone would miss it",
@@ -291,13 +311,6 @@ class BatchConfig(_Strict):
         if self.max_in_flight is not None:
             return self.max_in_flight
         return max(8, min(1000, sum(p.limits.max_in_flight for p in self.providers)))
-
-    @field_validator("finish_by")
-    @classmethod
-    def _finish_by_parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            finish_by_time(value, datetime.now().astimezone())
-        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> BatchConfig:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagebatch.config import default_config, load_config
+from imagebatch.config import default_config, load_config, parse_config
 from imagebatch.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -96,3 +96,23 @@ def test_missing_config_file_is_named(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_example_configs_are_valid(name):
     assert load_config(ROOT / "examples" / name).providers
+
+
+def test_finish_by_is_checked_as_the_time_it_names():
+    from datetime import UTC, datetime
+
+    from imagebatch.batch import BatchRun
+    from imagebatch.config import finish_by_time
+
+    base = "providers: [{name: a, kind: local, model: m}]\nrenditions: [{name: o, format: png}]\n"
+    with pytest.raises(
+        ConfigError, match=r"line 3, key 'finish_by': .*unknown timezone 'Mars/Base'"
+    ):
+        parse_config(base + "finish_by: '06:00 Mars/Base'\n", source="c.yaml")
+    with pytest.raises(ValueError, match="finish_by"):
+        BatchRun(finish_by="soon")
+    start = datetime(2026, 12, 1, 7, 30, tzinfo=UTC)
+    # the next such time after the start: 06:00 in Berlin (UTC+1) has passed, so tomorrow's
+    assert finish_by_time("06:00 Europe/Berlin", start).isoformat() == "2026-12-02T06:00:00+01:00"
+    assert finish_by_time("09:00", start).isoformat() == "2026-12-01T09:00:00+00:00"
+    assert finish_by_time("2026-12-01T08:00:00+00:00", start) > start
