@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from imagebatch.batch import BatchRun
-from tests.conftest import ROOT
+from tests.test_deployments import create_automations
 
 pytestmark = pytest.mark.flow
-PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -73,35 +68,15 @@ def test_a_failed_night_a_missed_night_and_a_provider_down_reach_the_webhook(
         method="POST",
         json_data={"subject": "{{subject}}", "body": "{{body}}"},
     ).save("imagebatch-alerts-test", overwrite=True)
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    rendered = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagebatch.cli",
-            "automations",
-            "--block",
-            "custom-webhook/imagebatch-alerts-test",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # every `within` cut to Prefect's floor, 10 s
+    create_automations(
+        "custom-webhook/imagebatch-alerts-test",
+        prefect_server,
+        tmp_path,
+        edit=lambda text: text.replace("within: 1800", "within: 10").replace(
+            "within: 90000", "within: 10"
+        ),
     )
-    assert rendered.returncode == 0, rendered.stderr
-    text = rendered.stdout.replace("within: 1800", "within: 10").replace(
-        "within: 90000", "within: 10"
-    )
-    (tmp_path / "automations.yaml").write_text(text)
-    created = subprocess.run(
-        [PREFECT, "automation", "create", "--from-file", str(tmp_path / "automations.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert created.returncode == 0, created.stdout + created.stderr
 
     async def ours():
         async with get_client() as client:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -164,21 +164,14 @@ def test_deploy_and_serve_give_the_same_deployment(tmp_path, prefect_server):
         assert (out / "served-1" / "manifest.jsonl").is_file()
 
 
-def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_server):
-    from prefect import get_client
-    from prefect.blocks.notifications import SlackWebhook
-
-    env = _env(prefect_server)
-    block_id = SlackWebhook(url="http://127.0.0.1:9/hook").save("imagebatch-ops", overwrite=True)
+def create_automations(
+    block: str, api_url: str, tmp_path: Path, edit: Callable[[str], str] = lambda text: text
+) -> None:
+    """Create automations/notifications.yaml as a user does: rendered with ``block`` by
+    `imagebatch automations`, then `prefect automation create` (``edit`` changes it between)."""
+    env = _env(api_url)
     rendered = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagebatch.cli",
-            "automations",
-            "--block",
-            "slack-webhook/imagebatch-ops",
-        ],
+        [sys.executable, "-m", "imagebatch.cli", "automations", "--block", block],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -187,7 +180,7 @@ def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_serv
     )
     assert rendered.returncode == 0, rendered.stderr
     assert "NOTIFICATION_BLOCK_ID" not in rendered.stdout
-    (tmp_path / "automations.yaml").write_text(rendered.stdout)
+    (tmp_path / "automations.yaml").write_text(edit(rendered.stdout))
     created = subprocess.run(
         [PREFECT, "automation", "create", "--from-file", str(tmp_path / "automations.yaml")],
         env=env,
@@ -196,6 +189,15 @@ def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_serv
         timeout=120,
     )
     assert created.returncode == 0, created.stdout + created.stderr
+
+
+def test_notification_automations_are_accepted_by_prefect(tmp_path, prefect_server):
+    from prefect import get_client
+    from prefect.blocks.notifications import SlackWebhook
+
+    env = _env(prefect_server)
+    block_id = SlackWebhook(url="http://127.0.0.1:9/hook").save("imagebatch-ops", overwrite=True)
+    create_automations("slack-webhook/imagebatch-ops", prefect_server, tmp_path)
 
     async def automations():
         async with get_client() as client:
