@@ -354,6 +354,48 @@ def _load_inputs(config: str | None, prompts: str | None = None):
         return None
 
 
+def _has_prefect_server(why: str) -> bool:
+    """True when a Prefect API is configured; else print what to set (``why`` it is needed)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return True
+    print(
+        f"error: no Prefect server: {why}; "
+        "set PREFECT_API_URL (or a Prefect profile) and run this again",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _with_saved_blocks(config, command: str):
+    """The config with its ``block:`` entries filled from the Prefect server, as a run fills them.
+
+    None (after printing why) when a block cannot be read. Keys read from blocks are dropped:
+    neither ``plan`` nor ``limits sync`` calls a provider.
+    """
+    from imagebatch.errors import InputError
+
+    if not any(p.block for p in config.providers):
+        return config
+    if not _has_prefect_server(
+        f"the config names saved blocks, and `imagebatch {command}` reads them from the Prefect "
+        "server they are saved on"
+    ):
+        return None
+    from blocks.providers import resolve_provider_blocks
+
+    try:
+        resolved, _keys = asyncio.run(resolve_provider_blocks(config))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return resolved
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from imagebatch.plan import plan_batch
 
@@ -361,6 +403,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if inputs is None:
         return EXIT_INPUT
     config, prompts = inputs
+    config = _with_saved_blocks(config, "plan")
+    if config is None:
+        return EXIT_INPUT
     plan = plan_batch(prompts, config)
     print(plan.describe())
     return EXIT_OK if plan.feasible else EXIT_FAILED
@@ -372,18 +417,11 @@ def _cmd_limits_sync(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args.config)
     if inputs is None:
         return EXIT_INPUT
-    config = inputs[0]
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not os.environ.get("PREFECT_API_URL"):
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            print(
-                "error: no Prefect server: shared limits live on the server your workers use; "
-                "set PREFECT_API_URL (or a Prefect profile) and run this again",
-                file=sys.stderr,
-            )
-            return EXIT_INPUT
+    if not _has_prefect_server("shared limits live on the server your workers use"):
+        return EXIT_INPUT
+    config = _with_saved_blocks(inputs[0], "limits sync")
+    if config is None:
+        return EXIT_INPUT
     from tasks.limits import sync_limits
 
     done = asyncio.run(sync_limits(config, Settings().time_scale))

@@ -312,6 +312,17 @@ class BatchConfig(_Strict):
             return self.max_in_flight
         return max(8, min(1000, sum(p.limits.max_in_flight for p in self.providers)))
 
+    def require_resolved(self, command: str) -> None:
+        """Raise when an entry still names a saved block that was not read into it."""
+        for index, entry in enumerate(self.providers):
+            if entry.kind is None or entry.model is None:
+                raise ConfigError(
+                    f"'{entry.block}' is a saved block that was not read: {command} needs the "
+                    "entry filled from the block (blocks.providers.resolve_provider_blocks)",
+                    source="config",
+                    key=f"providers[{index}].block",
+                )
+
     @model_validator(mode="after")
     def _unique_names(self) -> BatchConfig:
         for what, items in (("providers", self.providers), ("renditions", self.renditions)):

@@ -93,6 +93,7 @@ def _throughput(provider: ProviderConfig, margin: float) -> tuple[float, str]:
 
 def plan_batch(prompts: list[Prompt], config: BatchConfig, *, now: datetime | None = None) -> Plan:
     """The estimate for ``prompts`` under ``config`` on a healthy night starting ``now``."""
+    config.require_resolved("a plan")
     chain = list(config.providers)
     if config.routing.strategy == "cheapest":
         chain.sort(key=lambda p: p.price_for("1K"))

@@ -158,3 +158,107 @@ def test_missing_block_fails_the_batch_naming_the_key(tmp_path, prefect_server):
     error = str(state.result(raise_on_failure=False))
     assert "key 'providers[0].block'" in error and "no saved block" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.flow
+def test_limits_sync_and_plan_read_the_saved_block_as_a_run_does(tmp_path, prefect_server):
+    """Both commands name the limits and the model the flow will use, not the unfilled entry."""
+    GeminiProviderBlock(
+        model="gemini-block-model",
+        base_url="http://127.0.0.1:9",
+        api_key="block-key-sync-5d1e",
+        price_usd_1k=0.05,
+        rpm=12,
+        max_in_flight=3,
+    ).save("sync-primary", overwrite=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "providers: [{name: primary, block: imagebatch-gemini/sync-primary}]\n"
+        "renditions: [{name: original, format: png}]\n"
+        "shared_limits: true\n"
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(24)))
+    cli = [sys.executable, "-m", "imagebatch.cli"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cli, *args], env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+
+    sync = run("limits", "sync", "--config", str(config))
+    assert sync.returncode == 0, sync.stderr
+    names = [line.split()[1] for line in sync.stdout.splitlines()]
+    assert names == [
+        "imagebatch-primary-gemini-gemini-block-model-in-flight",
+        "imagebatch-primary-gemini-gemini-block-model-rpm",
+    ]
+    assert "limit 3" in sync.stdout  # the block's own max_in_flight
+
+    from imagebatch.config import load_config
+    from tasks.limits import check_shared_limits
+
+    async def the_flow_finds_them():
+        from blocks.providers import resolve_provider_blocks
+
+        resolved, _ = await resolve_provider_blocks(load_config(config))
+        return await check_shared_limits(resolved, 1.0, str(config))
+
+    assert asyncio.run(the_flow_finds_them()) is not None
+
+    plan = run("plan", str(prompts), "--config", str(config))
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.splitlines()[0].startswith("24 prompts: about")
+    assert "gemini-block-model" in plan.stdout and "in flight" in plan.stdout  # its cap of 3
+    assert "block-key-sync-5d1e" not in sync.stdout + sync.stderr + plan.stdout + plan.stderr
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        "providers: [{name: primary, block: imagebatch-gemini/no-such-block}]\n"
+        "renditions: [{name: original, format: png}]\n"
+    )
+    for args in (("plan", str(prompts)), ("limits", "sync")):
+        refused = run(*args, "--config", str(missing))
+        assert refused.returncode == 2, refused.stdout
+        assert "key 'providers[0].block'" in refused.stderr
+        assert "no saved block 'imagebatch-gemini/no-such-block'" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_plan_of_a_block_config_without_a_server_says_what_to_set(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "providers: [{name: primary, block: imagebatch-gemini/night-primary}]\n"
+        "renditions: [{name: original, format: png}]\n"
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with a server either
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebatch.cli", "plan", str(prompts), "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: no Prefect server: the config names saved blocks" in result.stderr
+    assert "set PREFECT_API_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unread_block_entry_is_refused_by_the_plan_and_the_limits():
+    from imagebatch.config import parse_config
+    from imagebatch.errors import ConfigError
+    from imagebatch.plan import plan_batch
+    from imagebatch.resilience import shared_limit_specs
+
+    config = parse_config(
+        "providers: [{name: primary, block: imagebatch-gemini/x}]\n"
+        "renditions: [{name: o, format: png}]\n",
+        source="c.yaml",
+    )
+    for call in (lambda: plan_batch([], config), lambda: shared_limit_specs(config)):
+        with pytest.raises(ConfigError, match=r"providers\[0\]\.block.*was not read"):
+            call()

@@ -73,6 +73,7 @@ def shared_limit_specs(config: BatchConfig, time_scale: float = 1.0) -> list[Lim
     (from 4 RPM up) lets a process that polls late find a token waiting instead of losing the
     slot: Prefect answers a refused request with a randomised wait.
     """
+    config.require_resolved("shared limits")
     specs = []
     for provider in config.providers:
         prefix = limit_prefix(provider)
