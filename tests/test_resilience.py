@@ -452,6 +452,25 @@ def test_on_the_defaults_two_providers_of_one_model_share_the_night():
         assert (len(starts) - 1) / ((starts[-1] - starts[0]) / 60) >= 0.9 * rpm
 
 
+def test_a_prompt_waiting_for_a_place_at_a_full_provider_takes_one_that_frees_at_a_peer():
+    """More prompts in flight than the two accounts' places: the ones queued for the first
+    account's place move to the second as soon as one of its (shorter) calls ends."""
+    pair = SAME_MODEL_PAIR.replace("limits: {rpm: 10}", "limits: {max_in_flight: 1}").replace(
+        "limits: {rpm: 5}", "limits: {max_in_flight: 1}"
+    )
+    profile = EmulatorProfile(
+        providers={
+            "studio": ProviderProfile(latency_median_s=100, latency_p99_s=100),
+            "vertex": ProviderProfile(latency_median_s=10, latency_p99_s=10),
+        }
+    )
+    outcomes, log, _, end = night(pair, profile, 4, concurrency=4)
+    assert sorted(outcomes.values()) == ["studio", "vertex", "vertex", "vertex"]
+    # studio's one call ends at 100 s; the three others went one after another to vertex
+    assert end == pytest.approx(100, abs=1)
+    assert sorted(round(e.t_sim_s) for e in log if e.provider == "vertex") == [0, 10, 20]
+
+
 def test_different_models_keep_to_the_chain_unless_finish_by_needs_the_backup():
     profile = EmulatorProfile(seed=5, providers=HEALTHY)
     outcomes, _, _, end = night(DIFFERENT_MODELS, profile, 200, concurrency=None)

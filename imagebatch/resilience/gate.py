@@ -9,6 +9,7 @@ runs, learns a lower real ceiling from 429s, and slows down under overload. Time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -75,6 +76,7 @@ class ProviderGate:
         self._seq = itertools.count()
         self._slow_start = False  # after a successful probe: the rate doubles per success
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self._pokes: list[asyncio.Future[None]] = []  # requests waiting for a place, oldest first
 
     # ------------------------------------------------------------------ admission
 
@@ -149,8 +151,9 @@ class ProviderGate:
         instead of the request queueing behind the pace it no longer needs.
         """
         began = self.clock()
-        await self._in_flight.acquire()
         check_every = 5.0 / self.settings.time_scale
+        if not await self._take_place(abandon, check_every):
+            return None
         try:
             while True:
                 epoch = self._epoch
@@ -185,6 +188,53 @@ class ProviderGate:
         admission.started = self.clock()
         admission.waited_s = admission.started - began
         return admission
+
+    async def _take_place(self, abandon: Callable[[float], bool], check_every: float) -> bool:
+        """Wait for an in-flight place; False (holding none) when ``abandon(inf)`` says so.
+
+        While every place is taken the request asks ``abandon`` at least every ``check_every``
+        and whenever :meth:`poke` says a place freed elsewhere (a peer provider's): a prompt
+        queued here moves to a peer with room instead of waiting for this provider's calls.
+        """
+        if not self._in_flight.locked():
+            await self._in_flight.acquire()  # a place is free: taken without waiting
+            return True
+        taking = asyncio.ensure_future(self._in_flight.acquire())
+        try:
+            while not taking.done():
+                poked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._pokes.append(poked)
+                sleeper = asyncio.ensure_future(self.sleep(check_every))
+                try:
+                    await asyncio.wait(
+                        {taking, poked, sleeper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    sleeper.cancel()
+                    if poked in self._pokes:
+                        self._pokes.remove(poked)
+                if not taking.done() and abandon(float("inf")):
+                    taking.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await taking
+                    if not taking.cancelled():  # the place came just as it was given up
+                        self._in_flight.release()
+                    return False
+        except BaseException:
+            taking.cancel()
+            if taking.done() and not taking.cancelled():
+                self._in_flight.release()
+            raise
+        return True
+
+    def poke(self) -> None:
+        """A place freed at a peer provider: the longest-waiting request for a place here asks
+        its ``abandon`` again (one at a time, so a single freed place moves a single prompt)."""
+        while self._pokes:
+            poked = self._pokes.pop(0)
+            if not poked.done():
+                poked.set_result(None)
+                return
 
     async def _nap(self, admission: Admission, seconds: float) -> None:
         """Sleep ``seconds``, or less if the pace changes meanwhile: a waiting request claims its

@@ -241,11 +241,16 @@ class Router:
         Prompts queued at a backup's slower gate move back as soon as the primary recovers,
         instead of draining at the backup's pace; one of them probes it when a probe is due.
         Between providers that share prompts (one model), a prompt moves only to a clearly
-        earlier start.
+        earlier start, in either direction of the chain: a prompt waiting for a place at a
+        full provider (``left`` infinite) takes a place that frees at a peer.
         """
+        after = False  # past ``lane`` in the order: only its peers may take the prompt
         for other in self.order(prompt):
             if other is lane:
-                return False
+                after = True
+                continue
+            if after and not self._share(prompt, other, lane):
+                continue
             if not (
                 self._usable(other)
                 # closed, or open with its probe due: a queued prompt can be that probe
@@ -429,6 +434,9 @@ class Router:
             raise
         finally:
             lane.gate.release()
+            for other in self.lanes:  # a prompt queued for a peer's place may take this one
+                if other is not lane and other.group == lane.group:
+                    other.gate.poke()
         self.spend.settle(price, charged=True)
         self._record(prompt, lane, waited, started, None, ticket.probe)
         lane.circuit.record_success(ticket)
