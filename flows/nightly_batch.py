@@ -112,6 +112,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         shared = await check_shared_limits(config, settings.time_scale, run.config or "")
         store = PrefectUsageStore()
     with sink.lock(batch_id):
+        journal = event_emitter(batch_id, logger)
         runtime = BatchRuntime(
             config,
             sink,
@@ -120,7 +121,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
             settings=settings,
             store=store,
             shared=shared,
-            emit=event_emitter(batch_id, logger),
+            emit=journal,
         )
         for note in runtime.health_notes:
             logger.info("recorded provider health: %s", note)
@@ -186,7 +187,9 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         )
         write_summary(runtime.records, summary)
         await update_progress(artifact_id, progress, final=True)
-        await publish_report(summary, records, sink, config.publish.signed_url_expiry_s)
+        await publish_report(
+            summary, records, sink, config.publish.signed_url_expiry_s, journal.events
+        )
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
     emit_batch_outcome(summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,7 +14,7 @@ from imagebatch.errors import StorageError
 from imagebatch.models import PromptRecord
 from imagebatch.storage.base import Sink
 
-__all__ = ["ReportLinks", "markdown_report", "provider_table", "report_links"]
+__all__ = ["NightEvent", "ReportLinks", "markdown_report", "provider_table", "report_links"]
 
 #: at most this many rows of prompts (failures, or signed image links) in one report
 REPORT_ROWS = 200
@@ -26,6 +26,38 @@ def _percentile(values: list[float], q: float) -> float | None:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+@dataclass(frozen=True)
+class NightEvent:
+    """One thing the router told the night: a circuit opening or closing, a failover, a
+    failback, a quota running out, a provider taken out of the chain."""
+
+    at: datetime
+    event: str  # imagebatch.circuit.opened, imagebatch.provider.failover, ...
+    provider: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        what = {
+            "imagebatch.circuit.opened": "circuit opened: no calls but a probe per interval",
+            "imagebatch.circuit.closed": "circuit closed: calls go out again",
+            "imagebatch.provider.failover": "prompts failed over to it",
+            "imagebatch.provider.failback": "prompts came back to it",
+            "imagebatch.quota.exhausted": "quota exhausted",
+            "imagebatch.provider.faulty": "taken out of the chain for the night",
+        }.get(self.event, self.event)
+        extra = ", ".join(f"{k}: {v}" for k, v in self.detail.items() if v not in (None, ""))
+        return f"{what} ({extra})" if extra else what
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _attempt_error(attempt: Any) -> str:
+    status = f"{attempt.http_status} " if attempt.http_status else ""
+    return f"{attempt.provider}: {status}{attempt.outcome}"
 
 
 def provider_table(records: list[PromptRecord]) -> list[dict[str, Any]]:
@@ -123,10 +155,19 @@ def report_links(
 
 
 def markdown_report(
-    summary: BatchSummary, records: list[PromptRecord], links: ReportLinks | None = None
+    summary: BatchSummary,
+    records: list[PromptRecord],
+    links: ReportLinks | None = None,
+    *,
+    events: Sequence[NightEvent] = (),
+    task_runs: Mapping[str, str] | None = None,
 ) -> str:
-    """The end-of-batch report: totals, what did not succeed and why, where the manifest is."""
+    """The end-of-batch report: totals, cost per provider, the prompts that needed retries or
+    another provider (with a link to each one's generate task run, from ``task_runs``: prompt
+    id -> URL), the circuit and failover ``events`` with their times, what did not succeed and
+    why, and where the manifest is."""
     links = links or ReportLinks()
+    task_runs = task_runs or {}
     lines = [
         f"# Batch `{summary.batch_id}`: {summary.outcome}",
         "",
@@ -143,13 +184,64 @@ def markdown_report(
     lines.append(f"Images: [{folder}]({console_link(folder)})")
     if links.note:
         lines += ["", links.note]
+    table = provider_table(records)
+    if table:
+        lines += [
+            "",
+            "## Cost per provider",
+            "",
+            "| provider | images | calls | retries | failovers | p50 latency (s) | cost (USD) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in table:
+            p50 = "" if row["p50_latency_s"] is None else f"{row['p50_latency_s']:.1f}"
+            lines.append(
+                f"| {row['provider']} | {row['succeeded']} | {row['calls']} | {row['retries']} "
+                f"| {row['failovers']} | {p50} | {row['cost_usd']:.4f} |"
+            )
+    eventful = [r for r in records if not r.resumed and len(r.attempts) > 1]
+    if eventful:
+        lines += [
+            "",
+            "## Prompts that needed retries or another provider",
+            "",
+            f"{len(eventful)} prompts took more than one call. Errors are in the order they came.",
+            "",
+            "| prompt | status | calls | providers | errors | task run |",
+            "|---|---|---:|---|---|---|",
+        ]
+        for r in eventful[:REPORT_ROWS]:
+            path: list[str] = []
+            for attempt in r.attempts:
+                if not path or path[-1] != attempt.provider:
+                    path.append(attempt.provider)
+            errors = "; ".join(_attempt_error(a) for a in r.attempts if a.outcome != "ok")
+            run = f"[generate-{r.id}]({task_runs[r.id]})" if r.id in task_runs else ""
+            lines.append(
+                f"| `{r.id}` | {r.status} | {len(r.attempts)} | {' → '.join(path)} "
+                f"| {_cell(errors)} | {run} |"
+            )
+        if len(eventful) > REPORT_ROWS:
+            lines.append(f"| ... | | | | {len(eventful) - REPORT_ROWS} more in the manifest | |")
+    if events:
+        lines += [
+            "",
+            "## Circuits and failovers",
+            "",
+            "| time (UTC) | provider | what happened |",
+            "|---|---|---|",
+        ]
+        for e in list(events)[:REPORT_ROWS]:
+            at = e.at.astimezone(UTC).strftime("%H:%M:%S")
+            lines.append(f"| {at} | {e.provider} | {_cell(e.describe())} |")
+        if len(events) > REPORT_ROWS:
+            lines.append(f"| ... | | {len(events) - REPORT_ROWS} more in the run's events |")
     unsettled = [r for r in records if r.status != "succeeded"]
     if unsettled:
         lines += ["", "## Prompts that did not succeed", "", "| prompt | status | reason |"]
         lines += ["|---|---|---|"]
         for r in unsettled[:REPORT_ROWS]:
-            reason = (r.error or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{r.id}` | {r.status} | {reason} |")
+            lines.append(f"| `{r.id}` | {r.status} | {_cell(r.error or '')} |")
         if len(unsettled) > REPORT_ROWS:
             lines.append(f"| ... | | {len(unsettled) - REPORT_ROWS} more in the manifest |")
     published = [r for r in records if r.status == "succeeded" and r.objects]

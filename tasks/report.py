@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -15,14 +16,27 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
+from prefect.utilities.urls import url_for
 
 from imagebatch.batch import BatchSummary
 from imagebatch.models import Prompt, PromptRecord
 from imagebatch.progress import BatchProgress
 from imagebatch.records import RecordStore
-from imagebatch.report import markdown_report, provider_table, report_links
+from imagebatch.report import (
+    REPORT_ROWS,
+    NightEvent,
+    markdown_report,
+    provider_table,
+    report_links,
+)
 from imagebatch.storage.base import Sink
 
 #: seconds between two progress artifact updates (each is one API call)
@@ -30,15 +44,24 @@ PROGRESS_INTERVAL_S = 2.0
 _last_update: dict[UUID, float] = {}
 
 
-def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter):
-    """Emit imagebatch's events (circuit, failover, quota) to Prefect, and log each one.
+class EventJournal:
+    """Emit imagebatch's events (circuit, failover, quota) to Prefect, log each one, and keep
+    them for the night's report (``events``).
 
     The provider is the event's resource and the batch a related resource, so automations can
     match either.
     """
 
-    def emit(event: str, provider: str, payload: dict[str, Any]) -> None:
-        logger.warning("%s: %s %s", event, provider, payload or "")
+    def __init__(self, batch_id: str, logger: logging.Logger | logging.LoggerAdapter):
+        self.batch_id, self.logger = batch_id, logger
+        self.events: list[NightEvent] = []
+
+    def __call__(self, event: str, provider: str, payload: dict[str, Any]) -> None:
+        batch_id = self.batch_id
+        self.logger.warning("%s: %s %s", event, provider, payload or "")
+        self.events.append(
+            NightEvent(datetime.now(UTC), event, provider, {k: str(v) for k, v in payload.items()})
+        )
         emit_event(
             event=event,
             resource={
@@ -54,7 +77,10 @@ def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter)
             payload={k: str(v) for k, v in payload.items()},
         )
 
-    return emit
+
+def event_emitter(batch_id: str, logger: logging.Logger | logging.LoggerAdapter) -> EventJournal:
+    """The router's ``emit`` for one batch (see :class:`EventJournal`)."""
+    return EventJournal(batch_id, logger)
 
 
 def emit_batch_outcome(summary: BatchSummary) -> None:
@@ -121,11 +147,14 @@ async def publish_report(
     records: list[PromptRecord],
     sink: Sink | None = None,
     signed_url_expiry_s: int | None = None,
+    events: list[NightEvent] | None = None,
 ) -> None:
     """Create the end-of-batch artifacts: a table per provider and a markdown report.
 
     With ``signed_url_expiry_s`` (and a sink that can sign), the report's manifest and image
-    links are signed URLs; otherwise Cloud Console pages.
+    links are signed URLs; otherwise Cloud Console pages. ``events``: the circuit and failover
+    events of the night, listed with their times; the prompts that took more than one call link
+    their generate task run.
     """
     links = None
     if sink is not None:
@@ -138,10 +167,43 @@ async def publish_report(
         description=f"Batch {summary.batch_id}: {summary.message}",
     )
     await acreate_markdown_artifact(
-        markdown=markdown_report(summary, records, links),
+        markdown=markdown_report(
+            summary,
+            records,
+            links,
+            events=events or [],
+            task_runs=await _generate_task_runs(
+                [r.id for r in records if not r.resumed and len(r.attempts) > 1][:REPORT_ROWS]
+            ),
+        ),
         key="imagebatch-report",
         description=f"Batch {summary.batch_id} report",
     )
+
+
+async def _generate_task_runs(prompt_ids: list[str]) -> dict[str, str]:
+    """Prompt id -> UI link of its ``generate-<id>`` task run in this flow run (none if the API
+    cannot say: the report is written anyway)."""
+    context = FlowRunContext.get()
+    if not prompt_ids or context is None or context.flow_run is None:
+        return {}
+    names = {f"generate-{pid}": pid for pid in prompt_ids}
+    try:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[context.flow_run.id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=list(names))),
+                limit=len(names) * 2,
+            )
+    except Exception as exc:  # the report matters more than its links
+        get_run_logger().warning("could not link the retried prompts' task runs: %s", exc)
+        return {}
+    links = {}
+    for run in runs:
+        url = url_for("task-run", obj_id=run.id)
+        if run.name in names and url:
+            links[names[run.name]] = url
+    return links
 
 
 async def start_progress(progress: BatchProgress) -> UUID:

@@ -149,6 +149,48 @@ def test_overload_fails_over_and_comes_back_when_it_ends(run_batch):
     for event in ("circuit.opened", "provider.failover", "circuit.closed", "provider.failback"):
         assert any(f"imagebatch.{event}" in m for m in messages), event
 
+    # the report tells the story: the events in order with their times, each prompt that took
+    # more than one call with its errors and a link to its own generate task run, the cost
+    report, task_runs = asyncio.run(_report_and_task_runs(state.state_details.flow_run_id))
+    story = report.split("## Circuits and failovers")[1].split("##")[0]
+    rows = [line.split(" | ")[1:] for line in story.splitlines() if line.startswith("| ")]
+    happened = [(provider, what.split(" (")[0].split(":")[0]) for provider, what in rows[1:]]
+    assert happened[:2] == [("primary", "circuit opened"), ("backup", "prompts failed over to it")]
+    assert ("primary", "circuit closed") in happened
+    assert happened[-1] == ("primary", "prompts came back to it")
+    retried = report.split("## Prompts that needed retries or another provider")[1].split("##")[0]
+    moved = [r for r in records if len(r["attempts"]) > 1]
+    assert moved and f"{len(moved)} prompts took more than one call" in retried
+    for record in moved:
+        line = next(x for x in retried.splitlines() if x.startswith(f"| `{record['id']}` |"))
+        assert "primary: 503 ProviderOverloaded" in line
+        name = f"generate-{record['id']}"
+        assert f"[{name}](" in line and f"/runs/task-run/{task_runs[name]})" in line
+    assert any("primary → backup" in x for x in retried.splitlines())
+    cost = report.split("## Cost per provider")[1].split("##")[0]
+    assert "| primary |" in cost and "| backup |" in cost
+
+
+async def _report_and_task_runs(flow_run_id) -> tuple[str, dict[str, str]]:
+    """The run's markdown report, and its task runs' ids by name."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    report = next(a.data for a in artifacts if a.key == "imagebatch-report")
+    return report, {r.name: str(r.id) for r in runs}
+
 
 def test_a_quota_equal_to_the_configured_one_gets_no_429(run_batch, monkeypatch):
     # 30 requests per (simulated) minute on both sides, time running 5x: a minute is 12 s. The

@@ -279,3 +279,74 @@ def test_signed_report_links_sign_the_manifest_once():
     report = markdown_report(summary, [], links)
     assert "(https://signed.example/shop/site/n1/manifest.jsonl?expires=3600)" in report
     assert sink.signed == [manifest]
+
+
+def test_the_report_tells_which_prompts_needed_retries_the_events_and_the_cost():
+    from datetime import UTC, datetime
+
+    from imagebatch.batch import BatchSummary
+    from imagebatch.models import Attempt, PromptRecord
+    from imagebatch.report import NightEvent, markdown_report
+
+    at = datetime(2026, 12, 1, 2, 15, 7, tzinfo=UTC)
+
+    def record(pid: str, status: str, provider: str | None, *attempts: Attempt, **kw):
+        return PromptRecord(
+            id=pid,
+            status=status,
+            provider=provider,
+            attempts=list(attempts),
+            batch_id="n1",
+            finished_at=at,
+            **kw,
+        )
+
+    ok_p = Attempt(provider="primary", outcome="ok", latency_s=40)
+    ok_b = Attempt(provider="backup", outcome="ok", latency_s=20)
+    busy = Attempt(provider="primary", outcome="ProviderOverloaded", http_status=503)
+    odd = Attempt(
+        provider="backup", outcome="ProviderServerError", http_status=500, error="a | in it"
+    )
+    records = [
+        record("calm", "succeeded", "primary", ok_p, cost_usd=0.134),
+        record("retried", "succeeded", "primary", busy, ok_p, cost_usd=0.134),
+        record("moved", "succeeded", "backup", busy, busy, ok_b, cost_usd=0.04),
+        record("lost", "failed", "backup", busy, odd, error="gave up | twice"),
+        record("again", "succeeded", "primary", busy, ok_p, resumed=True),
+    ]
+    events = [
+        NightEvent(at, "imagebatch.circuit.opened", "primary"),
+        NightEvent(
+            at.replace(minute=16), "imagebatch.provider.failover", "backup", {"from": "primary"}
+        ),
+    ]
+    summary = BatchSummary(
+        batch_id="n1",
+        total=5,
+        manifest_uri="file:///o/n1/manifest.jsonl",
+        outcome="partial",
+        message="3 of 5",
+    )
+    report = markdown_report(
+        summary, records, events=events, task_runs={"moved": "http://ui/runs/task-run/abc"}
+    )
+    retried = report.split("## Prompts that needed retries or another provider")[1]
+    retried = retried.split("\n## ")[0]
+    rows = [x for x in retried.splitlines() if x.startswith("| `")]
+    assert [x.split(" | ")[0] for x in rows] == ["| `retried`", "| `moved`", "| `lost`"]
+    assert rows[1] == (
+        "| `moved` | succeeded | 3 | primary → backup | primary: 503 ProviderOverloaded; "
+        "primary: 503 ProviderOverloaded | [generate-moved](http://ui/runs/task-run/abc) |"
+    )
+    assert rows[0].endswith("| primary: 503 ProviderOverloaded |  |")  # no link known
+    assert "3 prompts took more than one call" in retried  # the resumed one is not tonight's
+    story = report.split("## Circuits and failovers")[1].split("\n## ")[0]
+    assert "| 02:15:07 | primary | circuit opened: no calls but a probe per interval |" in story
+    assert "| 02:16:07 | backup | prompts failed over to it (from: primary) |" in story
+    cost = report.split("## Cost per provider")[1].split("\n## ")[0]
+    assert "| primary | 2 | 6 | 4 | 0 | 40.0 | 0.2680 |" in cost  # "lost" failed, not counted
+    assert "| backup | 1 | 2 | 0 | 2 | 20.0 | 0.0400 |" in cost  # "lost" ended there too
+    assert "| `lost` | failed | gave up \\| twice |" in report  # a | cannot break the table
+
+    calm = markdown_report(summary, records[:1])
+    assert "## Prompts that needed retries" not in calm and "## Circuits" not in calm
