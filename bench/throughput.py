@@ -11,10 +11,10 @@ CPU mostly stays out of the figures (it still encodes and sends every answer); i
 process, the CLI and its server in others.
 
 - ``sizes``: at 64 px, 1K, 2K and 4K, one CLI on both cores: prompts per second while
-  generating (the 10th to the 90th percentile request), the whole command's wall time (Prefect's
-  start included), and CPU seconds per prompt of the flow process and of the Prefect server
-  (/proc, the process tree sampled four times a second); prompts per hour per core is 3600 over
-  their sum.
+  generating and the CPU seconds per prompt of the flow process and of the Prefect server over
+  the same span (from the 10th to the 90th percentile request; /proc, the process tree sampled
+  four times a second); prompts per hour per core is 3600 over their sum. The whole command's
+  wall and CPU time (Prefect's start and the end included) are kept beside them.
 - ``pinned``: 2K, one CLI with ``taskset -c 0`` (its server inherits the core), then two CLIs at
   once on cores 0 and 1, each with its own batch and temporary server.
 
@@ -64,6 +64,7 @@ class TreeSampler:
     def __init__(self, pid: int, every_s: float = 0.25):
         self.pid, self.every_s = pid, every_s
         self.cpu: dict[int, tuple[str, float]] = {}
+        self.series: list[tuple[float, float, float]] = []  # (monotonic, flow, server) CPU s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._tick = os.sysconf("SC_CLK_TCK")
@@ -98,8 +99,20 @@ class TreeSampler:
             except OSError:
                 continue
             kind = "server" if "uvicorn" in cmdline or "prefect.server" in cmdline else "flow"
+            kind = self.cpu.get(pid, (kind, 0.0))[0]  # a zombie's cmdline reads empty
             self.cpu[pid] = (kind, (int(fields[11]) + int(fields[12])) / self._tick)
             todo += parents.get(pid, [])
+        split = self.split()
+        self.series.append((time.monotonic(), split["flow"], split["server"]))
+
+    def between(self, t0: float, t1: float) -> tuple[float, float]:
+        """Flow and server CPU seconds used from ``t0`` to ``t1`` (nearest samples)."""
+
+        def at(t: float) -> tuple[float, float, float]:
+            return min(self.series, key=lambda row: abs(row[0] - t))
+
+        a, b = at(t0), at(t1)
+        return b[1] - a[1], b[2] - a[2]
 
     def split(self) -> dict[str, float]:
         totals = {"flow": 0.0, "server": 0.0}
@@ -151,10 +164,8 @@ def run_group(
     server, home: Path, px: int, prompts: int, cpus: list[str | None], label: str
 ) -> list[dict]:
     """Run one CLI per entry of ``cpus`` at once; one figures dict per CLI."""
-    import httpx
-
     server.emulator.profile.providers["primary"].image_px = px
-    httpx.post(f"{server.url}/_emulator/reset", timeout=10)
+    server.emulator.reset()
     procs, samplers = [], []
     cpu_before, started = _children_cpu(), time.perf_counter()
     for i, core in enumerate(cpus):
@@ -168,12 +179,16 @@ def run_group(
     for sampler in samplers:
         sampler.__exit__(None, None, None)
     cpu_all = _children_cpu() - cpu_before
-    log = httpx.get(f"{server.url}/_emulator/log", timeout=30).json()["requests"]
+    t0 = server.emulator._t0  # the emulator's clock: monotonic, from its first request
+    log = [(e.prompt, t0 + e.t_wall_s) for e in list(server.emulator.log)]
     rows = []
     for i, ((proc, work), sampler, wall) in enumerate(zip(procs, samplers, walls, strict=True)):
         batch = f"{label}-{i}"
-        starts = sorted(e["t_wall_s"] for e in log if e["prompt"].startswith(f"{batch} "))
-        lo, hi = starts[len(starts) // 10], starts[len(starts) * 9 // 10 - 1]
+        starts = sorted(t for prompt, t in log if prompt.startswith(f"{batch} "))
+        first, last = len(starts) // 10, len(starts) * 9 // 10 - 1
+        lo, hi = starts[first], starts[last]
+        flow_cpu, server_cpu = sampler.between(lo, hi)
+        per_prompt = (flow_cpu + server_cpu) / (last - first)
         split = sampler.split()
         done = published(work, batch)
         rows.append(
@@ -185,15 +200,15 @@ def run_group(
                 "prompts": prompts,
                 "published": done,
                 "exit code": proc.returncode,
-                "prompts/s while generating": round(
-                    (len(starts) * 9 // 10 - 1 - len(starts) // 10) / max(hi - lo, 1e-9), 2
-                ),
+                "prompts/s while generating": round((last - first) / max(hi - lo, 1e-9), 2),
+                "flow CPU s per prompt": round(flow_cpu / (last - first), 4),
+                "server CPU s per prompt": round(server_cpu / (last - first), 4),
+                "prompts per hour per core": round(3600 / max(per_prompt, 1e-9)),
                 "whole command s": round(wall, 1),
-                "flow CPU s per prompt": round(split["flow"] / prompts, 4),
-                "server CPU s per prompt": round(split["server"] / prompts, 4),
-                "prompts per hour per core": round(
-                    3600 / max((split["flow"] + split["server"]) / prompts, 1e-9)
-                ),
+                "whole command CPU s (flow, server)": [
+                    round(split["flow"], 1),
+                    round(split["server"], 1),
+                ],
                 "CPU s of the group (rusage)": round(cpu_all, 1),
             }
         )

@@ -3,7 +3,8 @@
 ``imagebatch limits sync --config FILE`` creates (or updates) per provider:
 
 - ``imagebatch-<provider>-in-flight``: ``max_in_flight`` slots, held for the length of one call
-  (a lease, so a crashed worker's slot comes back);
+  (a 60 s lease renewed while the call runs, so a killed worker's slot comes back within about
+  75 s: the lease, then the server's 15 s sweep);
 - ``imagebatch-<provider>-rpm``: a token bucket that never lets all workers together start more
   calls in a minute than the quota (see :func:`imagebatch.resilience.shared_limit_specs`);
 - the daily allowance as one limit per provider day, ``imagebatch-<provider>-rpd-<day>``, with
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -48,11 +50,13 @@ class PrefectSharedLimits:
     polled on our own schedule (see :func:`_take_token`).
     """
 
-    def __init__(self, specs: list[LimitSpec], *, lease_s: float = 3600.0, poll_s: float = 0.2):
+    def __init__(self, specs: list[LimitSpec], *, lease_s: float = 60.0, poll_s: float = 0.2):
         self._in_flight = {s.provider: s for s in specs if s.kind == "in-flight"}
         self._rate = {s.provider: s for s in specs if s.kind == "rate"}
         self._queues: dict[str, asyncio.Lock] = {}
-        self._lease_s = lease_s  # a crashed worker's slot comes back after this long
+        # a dead worker's slot comes back this long after its last renewal (plus the server's
+        # 15 s sweep); a living one renews every third of it. 60 s is the server's floor.
+        self._lease_s = lease_s
         self._poll_s = poll_s
         self._client = None
 
@@ -91,10 +95,23 @@ class PrefectSharedLimits:
             except BaseException:
                 await client.release_concurrency_slots_with_lease(lease["lease_id"])
                 raise
+        renewing = asyncio.ensure_future(self._renew(client, lease["lease_id"]))
         try:
             yield
         finally:
+            renewing.cancel()
             await client.release_concurrency_slots_with_lease(lease["lease_id"])
+
+    async def _renew(self, client, lease_id) -> None:
+        """Keep a held slot's lease alive while the call runs (a call may outlast the lease)."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                await client.renew_concurrency_lease(lease_id, lease_duration=self._lease_s)
+            except Exception as exc:  # the next renewal may get through; the lease has slack
+                logging.getLogger("imagebatch.limits").warning(
+                    "could not renew a shared in-flight slot's lease: %s", exc
+                )
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from imagebatch.config import parse_config
 from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
 from imagebatch.resilience import shared_limit_specs
+from tests.conftest import ROOT
 
 CONFIG = """
 providers:
@@ -204,3 +208,111 @@ def test_two_workers_together_stay_within_the_shared_rpm_rpd_and_in_flight(
         if json.loads(line)["status"] == "skipped"
     )
     assert skipped == 2 * per_worker - rpd
+
+
+_HOLDER = """
+import asyncio, sys
+from imagebatch.resilience import LimitSpec
+from tasks.limits import PrefectSharedLimits
+
+async def hold():
+    limits = PrefectSharedLimits([LimitSpec(sys.argv[1], "p", "in-flight", 1)])
+    async with limits.slot("p"):
+        print("holding", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(hold())
+"""
+
+
+@pytest.fixture(scope="module")
+def real_prefect_server(tmp_path_factory) -> Iterator[str]:
+    """``prefect server start``: unlike the test harness's server it runs Prefect's services,
+    among them the repossessor that frees expired concurrency leases every 15 s."""
+    from imagebatch.emulator.app import free_port
+
+    home = tmp_path_factory.mktemp("real-prefect")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - the server's whole life
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server start did not answer in 180 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.flow
+def test_a_killed_workers_slot_comes_back_and_a_living_one_keeps_it(real_prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    name = "imagebatch-lease-test-in-flight"
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {**os.environ, "PREFECT_API_URL": real_prefect_server}
+    with (
+        temporary_settings({PREFECT_API_URL: real_prefect_server}),
+        get_client(sync_client=True) as client,
+    ):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+        def take() -> bool:
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    [name], slots=1, mode="concurrency", lease_duration=60
+                )
+            except httpx.HTTPStatusError as exc:
+                assert exc.response.status_code == 423, exc.response.text
+                return False
+            client.release_concurrency_slots_with_lease(response.json()["lease_id"])
+            return True
+
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, name],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline().strip() == "holding"
+            held = time.monotonic()
+            # alive, it renews its 60 s lease: past the lease and a sweep, the slot is still its
+            while time.monotonic() - held < 80:
+                assert not take(), (
+                    f"a living worker lost its slot after {time.monotonic() - held:.0f} s"
+                )
+                time.sleep(5)
+        finally:
+            holder.kill()  # SIGKILL: no release, no more renewals
+            holder.wait()
+        killed = time.monotonic()
+        while not take():
+            assert time.monotonic() - killed < 120, "a dead worker's slot was not back in 2 min"
+            time.sleep(1)
