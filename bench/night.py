@@ -652,7 +652,9 @@ def write_results(text: str, runs: list[Run], scales: dict, args, total_s: float
             f"Command: `.venv/bin/python {command.strip()}`; {len(runs)} runs in "
             f"{total_s / 60:.1f} min on {os.cpu_count()} cores ({platform.machine()}), "
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
-            f"Prompts per run: {args.prompts}; seeds: {', '.join(map(str, args.seeds))}; "
+            f"Prompts per run: {args.prompts}; seeds: {', '.join(map(str, args.seeds))}"
+            + "".join(f", {item.replace('=', ': ')}" for item in args.seeds_for)
+            + "; "
             "time scales: "
             + ", ".join(f"{k} {v:g}" for k, v in scales.items())
             + f"; {args.jobs} runs at once, at most {args.imagebatch_jobs} of imagebatch.",
@@ -672,6 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--seeds-for",
+        nargs="+",
+        default=[],
+        metavar="CONTENDER=S,S",
+        help="other seeds for some contenders (e.g. imagebatch=1: the tuned run once)",
+    )
     parser.add_argument("--scenarios", nargs="+", default=list(scenarios()))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument(
@@ -718,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in IMAGEBATCH:  # every imagebatch variant runs at imagebatch's scale
         scales.setdefault(name, scales["imagebatch"])
 
+    seeds_for = {
+        name: [int(x) for x in seeds.split(",")]
+        for name, seeds in (item.split("=") for item in args.seeds_for)
+    }
     chosen = {n: s for n, s in scenarios().items() if n in args.scenarios}
     home = Path(tempfile.mkdtemp(prefix="imagebatch-night-"))
     server, api = (None, None)
@@ -727,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         (name, contender, seed)
         for name in chosen
         for contender in args.contenders
-        for seed in args.seeds
+        for seed in seeds_for.get(contender, args.seeds)
         if name in ONLY_IN.get(contender, {name})
     ]
     order = {job: i for i, job in enumerate(jobs)}

@@ -1,6 +1,6 @@
 """How fast one process publishes, what it costs in CPU, and what a second pinned process adds.
 
-    .venv/bin/python bench/throughput.py --write            # both parts, about 15 minutes
+    .venv/bin/python bench/throughput.py                    # both parts, about 15 minutes
     .venv/bin/python bench/throughput.py --part sizes --sizes 64 --prompts 1000
 
 Every run is the CLI as a new user runs it: ``imagebatch run`` on its own temporary Prefect
@@ -18,8 +18,8 @@ process, the CLI and its server in others.
 - ``pinned``: 2K, one CLI with ``taskset -c 0`` (its server inherits the core), then two CLIs at
   once on cores 0 and 1, each with its own batch and temporary server.
 
-Raw data: ``bench/throughput-runs.json`` (one object per run); ``--write`` updates the table in
-bench/RESULTS.md.
+Raw data: ``bench/throughput-runs.json`` (one object per run); the markdown table printed at the
+end is the one in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -222,7 +222,6 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--prompts", type=int, default=None, help="per run (default per size)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "throughput-runs.json"))
-    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
 
     from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
@@ -242,6 +241,24 @@ def main() -> None:
             rows += run_group(server, home, 2048, n, ["0", "1"], "pinned-two")
     Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.json}")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of RESULTS.md."""
+    lines = [
+        "| part | image | cores | at once | published | prompts/s generating | flow CPU s/prompt "
+        "| server CPU s/prompt | prompts/h/core | whole command s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['part']} | {r['image px']} px | {r['cores']} | {r['processes at once']} "
+            f"| {r['published']}/{r['prompts']} | {r['prompts/s while generating']} "
+            f"| {r['flow CPU s per prompt']} | {r['server CPU s per prompt']} "
+            f"| {r['prompts per hour per core']} | {r['whole command s']} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
