@@ -181,6 +181,31 @@ def test_when_the_pace_improves_waiting_requests_take_it_at_once_and_before_newc
     assert gaps == pytest.approx([full] * 12)  # the full pace at once, not 12.6 s apart
 
 
+def test_a_request_that_gives_up_its_turn_leaves_no_hole_in_the_pace():
+    """A waiting request that moves to another provider gives its turn to the ones behind it:
+    the provider keeps its full pace (a hole per move slowed a shared backup to half its pace)."""
+    sim = SimClock()
+    gate = ProviderGate(
+        GateSettings(rpm=60, margin=0.0, max_in_flight=10), clock=sim, sleep=sim.sleep
+    )
+    starts: dict[str, float] = {}
+
+    async def one(name: str, leaves: bool = False) -> None:
+        admission = await gate.acquire(abandon=lambda left: leaves and sim() >= 0.5)
+        if admission is None:
+            return
+        starts[name] = sim()
+        gate.mark_sent(admission)
+        gate.release()
+
+    async def night() -> None:
+        await asyncio.gather(*(one(f"r{i}", leaves=i == 2) for i in range(6)))
+
+    sim.run(night())
+    assert "r2" not in starts
+    assert [starts[f"r{i}"] for i in (0, 1, 3, 4, 5)] == pytest.approx([0, 1, 2, 3, 4])
+
+
 def test_in_flight_cap_holds():
     sim = SimClock()
     gate = ProviderGate(GateSettings(rpm=None, max_in_flight=3), clock=sim, sleep=sim.sleep)

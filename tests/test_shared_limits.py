@@ -229,42 +229,14 @@ asyncio.run(hold())
 def real_prefect_server(tmp_path_factory) -> Iterator[str]:
     """``prefect server start``: unlike the test harness's server it runs Prefect's services,
     among them the repossessor that frees expired concurrency leases every 15 s."""
-    from imagebatch.emulator.app import free_port
+    from bench.night import start_prefect_server
 
-    home = tmp_path_factory.mktemp("real-prefect")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - the server's whole life
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
+    server, url = start_prefect_server(tmp_path_factory.mktemp("real-prefect"))
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server start did not answer in 180 s"
-            time.sleep(0.5)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
-        log.close()
 
 
 @pytest.mark.flow

@@ -1,5 +1,6 @@
 """The Prefect UI in a real browser: a user starts the nightly batch from its deployment page and
-watches it complete, then finds the summary artifact; fills the Custom-run form (which refuses
+watches it complete, then finds the summary and report artifacts and the night, named after its
+batch and figures, in the runs list; fills the Custom-run form (which refuses
 invalid values before anything reaches the server); and reads the schedule in their own time zone.
 
 Headless Chromium (Debian's ``chromium`` package, which ``.ci/run`` installs) driven by
@@ -201,15 +202,30 @@ def test_quick_run_from_the_deployment_page_completes_with_its_artifacts(ui_stac
         page.get_by_text("Completed", exact=True).first.wait_for(timeout=180_000)
         page.get_by_role("tab", name="Artifacts").click()
         page.get_by_text("imagebatch-summary").first.wait_for(timeout=60_000)
+        page.get_by_text("imagebatch-report").first.wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
 
-    # and the batch really ran: its manifest is where the served flow wrote it, under the
-    # default batch id (the prompt file's name and the run's date)
-    assert parameters.get("run", {}).get("batch_id") is None  # a Quick run leaves it to the flow
-    manifests = list((ui_stack["work"] / "output").glob("prompts-*/manifest.jsonl"))
-    assert len(manifests) == 1
-    assert len(manifests[0].read_text().splitlines()) == EXAMPLE_PROMPTS
+        # the batch really ran: its manifest is where the served flow wrote it, under the
+        # default batch id (the prompt file's name and the run's date)
+        assert parameters.get("run", {}).get("batch_id") is None  # a Quick run leaves it be
+        manifests = list((ui_stack["work"] / "output").glob("prompts-*/manifest.jsonl"))
+        assert len(manifests) == 1
+        assert len(manifests[0].read_text().splitlines()) == EXAMPLE_PROMPTS
+
+        # the runs list tells the night apart: its name carries the batch and its figures, and
+        # the same row shows the outcome
+        name = f"{manifests[0].parent.name} · {EXAMPLE_PROMPTS}/{EXAMPLE_PROMPTS} · $0.00"
+        page.goto(f"{base}/v2/runs")
+        page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+        row = page.locator("div", has=page.get_by_text(name, exact=True)).filter(
+            has_text="Completed"
+        )
+        assert row.count() > 0, "the run's name and its state are not in one row"
+        assert "Failed" not in row.last.inner_text()
+        page.screenshot(path=str(tmp_path / "runs-list.png"), full_page=True)
+
     assert (tmp_path / "flow-run.png").stat().st_size > 10_000
+    assert (tmp_path / "runs-list.png").stat().st_size > 10_000
 
 
 def test_custom_run_form_refuses_invalid_values_and_runs_what_was_entered(ui_stack, tmp_path):

@@ -163,6 +163,7 @@ class ProviderGate:
                         if abandon(admission.started - self.clock()):
                             admission.admitted = False
                             self._in_flight.release()
+                            self._retime_waiting()  # its turn goes to the ones behind it
                             return None
                         await self._nap(
                             admission, min(admission.started - self.clock(), check_every)
@@ -181,6 +182,7 @@ class ProviderGate:
             if abandon(0.0):
                 admission.admitted = False
                 self._in_flight.release()
+                self._retime_waiting()
                 return None
         except BaseException:
             self._in_flight.release()
@@ -316,12 +318,16 @@ class ProviderGate:
         claimed at the slower pace take the faster one now, not after their old turns."""
         if self.interval() >= before:
             return
+        self._retime_waiting()
+
+    def _retime_waiting(self) -> None:
+        """Give every waiting request the earliest turn the pace allows, in its old order, here
+        and now (a request arriving after this can only queue behind them): after the pace
+        improved, or when a waiting request gave up its turn."""
         now = self.clock()
         gone = [a.started for a in self._starts if a.admitted and a.started <= now]
         after_last = max(gone) + self.interval() if gone else now
         self.next_slot = max(now, self.paused_until, after_last)
-        # each waiting request takes the earliest turn the new pace gives, in its old order,
-        # here and now: a request arriving after this can only queue behind them
         waiting = [a for a in self._waiting() if a.started > now]
         for admission in waiting:
             admission.admitted = False
