@@ -34,6 +34,7 @@ from tasks.report import (
     find_blocked,
     find_finished,
     name_run_after,
+    publish_night_sheet,
     publish_report,
     record_batch,
     start_progress,
@@ -187,8 +188,9 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         )
         write_summary(runtime.records, summary)
         await update_progress(artifact_id, progress, final=True)
+        sheet = await publish_night_sheet(runtime.records, records, config.publish.contact_sheet)
         await publish_report(
-            summary, records, sink, config.publish.signed_url_expiry_s, journal.events
+            summary, records, sink, config.publish.signed_url_expiry_s, journal.events, sheet
         )
 
     logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)

@@ -6,9 +6,10 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from imagebatch.models import Attempt
+from imagebatch.sheet import draw_reason, font, paste_thumbnail
 
 __all__ = ["CELL_PX", "HEADER_PX", "LABEL_PX", "Outcome", "compare_table", "contact_sheet"]
 
@@ -36,42 +37,22 @@ def contact_sheet(prompt_ids: list[str], providers: list[str], outcomes: list[Ou
     height = HEADER_PX + CELL_PX * len(prompt_ids)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=14)
     for c, provider in enumerate(providers):
-        draw.text((LABEL_PX + c * CELL_PX + 8, 12), provider[:28], fill="black", font=font)
+        draw.text((LABEL_PX + c * CELL_PX + 8, 12), provider[:28], fill="black", font=font())
     for r, prompt_id in enumerate(prompt_ids):
         top = HEADER_PX + r * CELL_PX
-        draw.text((8, top + CELL_PX // 2 - 7), prompt_id[:24], fill="black", font=font)
+        draw.text((8, top + CELL_PX // 2 - 7), prompt_id[:24], fill="black", font=font())
         for c, provider in enumerate(providers):
             left = LABEL_PX + c * CELL_PX
+            box = (left + 4, top + 4, left + CELL_PX - 4, top + CELL_PX - 4)
             outcome = by_cell.get((prompt_id, provider))
             if outcome is not None and outcome.image is not None:
-                with Image.open(io.BytesIO(outcome.image)) as im:
-                    thumb = im.convert("RGB")
-                    thumb.thumbnail((CELL_PX - 8, CELL_PX - 8))
-                offset = ((CELL_PX - thumb.width) // 2, (CELL_PX - thumb.height) // 2)
-                sheet.paste(thumb, (left + offset[0], top + offset[1]))
+                paste_thumbnail(sheet, outcome.image, box)
             else:
-                draw.rectangle(
-                    (left + 4, top + 4, left + CELL_PX - 4, top + CELL_PX - 4), fill="#eeeeee"
-                )
-                reason = (outcome.error if outcome else None) or "not run"
-                for i, line in enumerate(_wrap(reason, 30)[:8]):
-                    draw.text((left + 12, top + 12 + i * 18), line, fill="#aa0000", font=font)
+                draw_reason(draw, box, (outcome.error if outcome else None) or "not run")
     out = io.BytesIO()
     sheet.save(out, format="PNG")
     return out.getvalue()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if len(line) + len(word) + 1 > width and line:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -254,6 +254,13 @@ class PublishConfig(_Strict):
     latest_index: bool = Field(
         default=True, description="Keep latest.json: prompt id -> its newest published images"
     )
+    contact_sheet: int = Field(
+        default=24,
+        ge=0,
+        le=500,
+        description="Publish contact-sheet.png beside the manifest: thumbnails of the first this "
+        "many prompts and a labelled cell for every prompt that did not succeed (0: no sheet)",
+    )
     signed_url_expiry_s: int | None = Field(
         default=None,
         ge=60,

@@ -22,6 +22,7 @@ __all__ = [
     "LATEST_NAME",
     "MANIFEST_NAME",
     "PROMPTS_NAME",
+    "SHEET_NAME",
     "SUMMARY_NAME",
     "RecordStore",
     "reuse_key",
@@ -33,6 +34,7 @@ SUMMARY_NAME = "summary.json"  # the batch's totals, rebuilt from the records
 PROMPTS_NAME = "_prompts.jsonl"  # the batch's validated prompts, for reruns
 BATCH_NAME = "_batch.json"  # what the batch was run with
 LATEST_NAME = "latest.json"  # prompt id -> its newest published renditions, for consumers
+SHEET_NAME = "contact-sheet.png"  # thumbnails of the night (imagebatch.sheet)
 _REUSE = "_reuse"  # content key -> the success record that published it
 _SUCCESS = "_success.json"
 _FAILURE = "_failure.json"
@@ -143,6 +145,16 @@ class RecordStore:
             metadata={},
             cache_control=_NO_CACHE,
         )
+
+    def read_object(self, record: PromptRecord, uri: str) -> bytes | None:
+        """The bytes of one of ``record``'s published objects (None if it is gone)."""
+        return self.sink.read(self._key_of(record, uri))
+
+    def write_sheet(self, png: bytes) -> str:
+        """Replace the batch's contact sheet; its URI."""
+        key = f"{self.batch_id}/{SHEET_NAME}"
+        self.sink.write(key, png, content_type="image/png", metadata={}, cache_control=_NO_CACHE)
+        return self.sink.uri(key)
 
     @property
     def manifest_uri(self) -> str:

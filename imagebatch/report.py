@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from imagebatch.batch import BatchSummary
 from imagebatch.errors import StorageError
@@ -161,11 +163,14 @@ def markdown_report(
     *,
     events: Sequence[NightEvent] = (),
     task_runs: Mapping[str, str] | None = None,
+    sheet_uri: str | None = None,
 ) -> str:
     """The end-of-batch report: totals, cost per provider, the prompts that needed retries or
     another provider (with a link to each one's generate task run, from ``task_runs``: prompt
     id -> URL), the circuit and failover ``events`` with their times, what did not succeed and
-    why, and where the manifest is."""
+    why, where the manifest is, and the night's contact sheet (``sheet_uri``): shown in the
+    report where its link is a http(s) URL (signed: it stops showing when the link expires),
+    linked otherwise."""
     links = links or ReportLinks()
     task_runs = task_runs or {}
     lines = [
@@ -181,7 +186,7 @@ def markdown_report(
         f"Manifest: [{summary.manifest_uri}]({links.link(summary.manifest_uri)})",
     ]
     folder = summary.manifest_uri.rsplit("/", 1)[0] + "/"
-    lines.append(f"Images: [{folder}]({console_link(folder)})")
+    lines += ["", f"Images: [{folder}]({console_link(folder)})"]
     if links.note:
         lines += ["", links.note]
     table = provider_table(records)
@@ -244,6 +249,28 @@ def markdown_report(
             lines.append(f"| `{r.id}` | {r.status} | {_cell(r.error or '')} |")
         if len(unsettled) > REPORT_ROWS:
             lines.append(f"| ... | | {len(unsettled) - REPORT_ROWS} more in the manifest |")
+    if sheet_uri:
+        lines += ["", "## Contact sheet", ""]
+        link = links.link(sheet_uri) if links.signed else console_link(sheet_uri)
+        if link.startswith(("https://", "http://")) and (links.signed or sheet_uri == link):
+            lines.append(f"![contact sheet of {summary.batch_id}]({link})")
+            if links.signed:
+                lines += [
+                    "",
+                    "The sheet is shown through a signed URL: it stops showing when "
+                    "the link expires.",
+                ]
+        elif sheet_uri.startswith("file://"):  # a browser will not open a local file from a page
+            lines.append(
+                f"`{url2pathname(urlsplit(sheet_uri).path)}` on the machine that ran the batch: "
+                "thumbnails of the first prompts and a labelled cell for every prompt that did "
+                "not succeed. (Publish to gs:// with `signed_url_expiry_s` to see it here.)"
+            )
+        else:
+            lines.append(
+                f"[{sheet_uri.rsplit('/', 1)[-1]}]({link}): thumbnails of the first "
+                "prompts and a labelled cell for every prompt that did not succeed."
+            )
     published = [r for r in records if r.status == "succeeded" and r.objects]
     if links.signed and published:
         lines += ["", "## Images", "", "| prompt | renditions |", "|---|---|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from imagebatch.report import (
     provider_table,
     report_links,
 )
+from imagebatch.sheet import build_night_sheet
 from imagebatch.storage.base import Sink
 
 #: seconds between two progress artifact updates (each is one API call)
@@ -141,6 +143,23 @@ def write_summary(records: RecordStore, summary: BatchSummary) -> None:
     records.write_summary(summary.model_dump(mode="json"))
 
 
+@task(name="publish_contact_sheet", cache_policy=NO_CACHE, persist_result=False)
+async def publish_night_sheet(
+    store: RecordStore, records: list[PromptRecord], first: int
+) -> str | None:
+    """Draw the night's contact sheet (see :func:`imagebatch.sheet.build_night_sheet`) and
+    publish it beside the manifest; its URI. A sheet that cannot be made costs the night
+    nothing: the run logs why and the report goes without it."""
+    if first <= 0 or not records:
+        return None
+    try:
+        png = await asyncio.to_thread(build_night_sheet, store, records, first)
+        return await asyncio.to_thread(store.write_sheet, png)
+    except Exception as exc:  # the images are published: a missing sheet is only a warning
+        get_run_logger().warning("no contact sheet for %s: %s", store.batch_id, exc)
+        return None
+
+
 @task(name="publish_report", cache_policy=NO_CACHE)
 async def publish_report(
     summary: BatchSummary,
@@ -148,13 +167,14 @@ async def publish_report(
     sink: Sink | None = None,
     signed_url_expiry_s: int | None = None,
     events: list[NightEvent] | None = None,
+    sheet_uri: str | None = None,
 ) -> None:
     """Create the end-of-batch artifacts: a table per provider and a markdown report.
 
     With ``signed_url_expiry_s`` (and a sink that can sign), the report's manifest and image
     links are signed URLs; otherwise Cloud Console pages. ``events``: the circuit and failover
     events of the night, listed with their times; the prompts that took more than one call link
-    their generate task run.
+    their generate task run. ``sheet_uri``: the night's contact sheet, shown or linked.
     """
     links = None
     if sink is not None:
@@ -175,6 +195,7 @@ async def publish_report(
             task_runs=await _generate_task_runs(
                 [r.id for r in records if not r.resumed and len(r.attempts) > 1][:REPORT_ROWS]
             ),
+            sheet_uri=sheet_uri,
         ),
         key="imagebatch-report",
         description=f"Batch {summary.batch_id} report",

@@ -306,6 +306,9 @@ def test_report_links_are_signed_urls_only_when_configured_and_possible(
     paths = {urlsplit(u).path for u in links}
     assert f"/{gcs_bucket}/site/s-1/manifest.jsonl" in paths
     assert f"/{gcs_bucket}/site/s-1/mug/original.png" in paths
+    # the contact sheet has a web address: the report shows it (until the link expires)
+    assert f"/{gcs_bucket}/site/s-1/contact-sheet.png" in paths
+    assert "![contact sheet of s-1](http://" in report
     for url in links:
         assert verify_v4_signed_url(url, public_key)["X-Goog-Expires"] == "900"
     assert pem.splitlines()[1] not in report
@@ -321,3 +324,4 @@ def test_report_links_are_signed_urls_only_when_configured_and_possible(
     assert "X-Goog-Signature" not in report
     console = "https://console.cloud.google.com/storage/browser/_details"
     assert f"({console}/{gcs_bucket}/plain/s-2/manifest.jsonl)" in report
+    assert f"[contact-sheet.png]({console}/{gcs_bucket}/plain/s-2/contact-sheet.png)" in report

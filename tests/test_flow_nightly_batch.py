@@ -225,6 +225,57 @@ def test_flow_outcome_follows_the_failure_threshold(
         assert error.message in records[prompt_id]["error"]
 
 
+def test_the_nights_contact_sheet_shows_the_first_prompts_and_every_one_that_failed(
+    batch, scripted, tmp_path
+):
+    from imagebatch.sheet import _CAPTION_PX, _TITLE_PX, NIGHT_CELL_PX
+
+    (tmp_path / "config.yaml").write_text(CONFIG + "publish: {contact_sheet: 2}\n")
+    failing = {"p5": ContentRefused("IMAGE_SAFETY"), "p7": InvalidRequest("bad size")}
+
+    def script(prompt, n):
+        if prompt.id in failing:
+            raise failing[prompt.id]
+        return png()
+
+    scripted["primary"] = script
+    state, out = batch({f"p{i}": f"prompt {i}" for i in range(1, 8)}, batch_id="sheet-1")
+    assert state.is_completed()
+    path = out / "sheet-1" / "contact-sheet.png"
+    with Image.open(path) as sheet:
+        sheet = sheet.convert("RGB")
+    # p1 and p2 (the first two), then p5 and p7 (did not succeed): four cells in one row
+    assert sheet.size == (4 * NIGHT_CELL_PX, _TITLE_PX + NIGHT_CELL_PX + _CAPTION_PX)
+    centre = NIGHT_CELL_PX // 2
+    for cell in (0, 1):  # the published thumbnail (png(): a blue fade), not a grey cell
+        r, g, b = sheet.getpixel((cell * NIGHT_CELL_PX + centre, _TITLE_PX + centre))
+        assert b > r + 40, (cell, (r, g, b))
+    for cell in (2, 3):
+        corner = (cell * NIGHT_CELL_PX + 6, _TITLE_PX + NIGHT_CELL_PX - 8)
+        assert sheet.getpixel(corner) == (238, 238, 238)
+
+    from prefect import get_client
+
+    async def report():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["imagebatch-report"]))
+            )
+        return [a for a in found if a.flow_run_id == state.state_details.flow_run_id]
+
+    found = _poll(report, bool)
+    assert found, "no report artifact"
+    assert f"`{path}` on the machine that ran the batch" in found[0].data
+    # a rerun of the night in which p7 succeeds redraws the sheet for the whole night
+    del failing["p7"]
+    state, _ = batch({f"p{i}": f"prompt {i}" for i in range(1, 8)}, batch_id="sheet-1")
+    assert state.is_completed()
+    with Image.open(path) as sheet:
+        assert sheet.width == 3 * NIGHT_CELL_PX  # p1, p2 (resumed), p5 (still refused)
+
+
 def test_bad_prompt_file_fails_before_anything_is_generated(tmp_path, prefect_server):
     from flows.nightly_batch import nightly_batch
 

@@ -350,3 +350,84 @@ def test_the_report_tells_which_prompts_needed_retries_the_events_and_the_cost()
 
     calm = markdown_report(summary, records[:1])
     assert "## Prompts that needed retries" not in calm and "## Circuits" not in calm
+
+
+def _record(pid: str, status: str = "succeeded", **kw) -> PromptRecord:
+    return PromptRecord(
+        id=pid, status=status, batch_id="n1", finished_at=datetime(2026, 12, 1, tzinfo=UTC), **kw
+    )
+
+
+def test_the_night_sheet_holds_the_first_prompts_then_every_one_that_did_not_succeed():
+    from imagebatch.sheet import choose_night_cells
+
+    records = [
+        _record(f"p{i:02d}", "failed" if i in (1, 30, 33, 34) else "succeeded") for i in range(40)
+    ]
+    chosen, left_off = choose_night_cells(records, 24)
+    assert [r.id for r in chosen] == [f"p{i:02d}" for i in range(24)] + ["p30", "p33", "p34"]
+    assert left_off == 0
+    chosen, left_off = choose_night_cells(records, 24, most_unsettled=2)
+    assert [r.id for r in chosen][24:] == ["p30", "p33"] and left_off == 1
+
+
+def test_the_night_sheet_draws_thumbnails_and_labels_what_has_no_image():
+    import io
+
+    from PIL import Image
+
+    from imagebatch.sheet import _CAPTION_PX, _TITLE_PX, NIGHT_CELL_PX, SheetCell, night_sheet
+
+    red = io.BytesIO()
+    Image.new("RGB", (300, 200), (200, 20, 20)).save(red, format="JPEG")
+    cells = [
+        SheetCell("mug", "succeeded", red.getvalue()),
+        SheetCell("gore", "blocked", reason="IMAGE_SAFETY: the provider refused the prompt"),
+        SheetCell("odd", "succeeded", b"not an image"),
+    ]
+    sheet = Image.open(io.BytesIO(night_sheet(cells, title="n1: 2/3", columns=2)))
+    assert sheet.size == (2 * NIGHT_CELL_PX, _TITLE_PX + 2 * (NIGHT_CELL_PX + _CAPTION_PX))
+
+    def cell_pixel(i: int, x: int, y: int) -> tuple[int, int, int]:
+        left, top = (i % 2) * NIGHT_CELL_PX, _TITLE_PX + (i // 2) * (NIGHT_CELL_PX + _CAPTION_PX)
+        return sheet.getpixel((left + x, top + y))
+
+    r, g, b = cell_pixel(0, NIGHT_CELL_PX // 2, NIGHT_CELL_PX // 2)
+    assert r > 150 and g < 60 and b < 60  # the thumbnail, shrunk and centred
+    assert cell_pixel(0, NIGHT_CELL_PX // 2, 10) == (255, 255, 255)  # 3:2 leaves a margin
+    for i in (1, 2):  # no image: a grey cell with its reason in red
+        assert cell_pixel(i, 6, NIGHT_CELL_PX - 8) == (238, 238, 238)
+        reds = [
+            cell_pixel(i, x, y)
+            for x in range(8, NIGHT_CELL_PX - 8, 2)
+            for y in range(8, 40)
+            if cell_pixel(i, x, y)[0] > 120 and cell_pixel(i, x, y)[1] < 80
+        ]
+        assert reds, f"cell {i} says nothing"
+
+
+def test_the_report_shows_the_sheet_where_it_has_a_web_address_and_links_it_otherwise():
+    from imagebatch.batch import BatchSummary
+    from imagebatch.report import ReportLinks, markdown_report
+
+    summary = BatchSummary(
+        batch_id="n1",
+        total=1,
+        manifest_uri="gs://b/n1/manifest.jsonl",
+        outcome="completed",
+        message="1 of 1",
+    )
+    records = [_record("mug")]
+    plain = markdown_report(summary, records, sheet_uri="gs://b/n1/contact-sheet.png")
+    sheet = plain.split("## Contact sheet")[1]
+    console = "https://console.cloud.google.com/storage/browser/_details/b/n1/contact-sheet.png"
+    assert f"[contact-sheet.png]({console})" in sheet and "![" not in sheet
+    # the UI drops file:// links: a local sheet is named by its path, to open where it is
+    local = markdown_report(summary, records, sheet_uri="file:///o/n%201/contact-sheet.png")
+    assert "`/o/n 1/contact-sheet.png` on the machine that ran the batch" in local
+
+    signed = ReportLinks(link=lambda uri: f"https://signed.example/{uri[5:]}?sig=1", signed=True)
+    shown = markdown_report(summary, records, signed, sheet_uri="gs://b/n1/contact-sheet.png")
+    assert "![contact sheet of n1](https://signed.example/b/n1/contact-sheet.png?sig=1)" in shown
+    assert "stops showing when the link expires" in shown
+    assert "## Contact sheet" not in markdown_report(summary, records)

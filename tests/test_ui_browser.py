@@ -9,6 +9,7 @@ Playwright, against a real ``prefect server start`` and ``imagebatch serve`` sta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile, ScriptedFault
 from tests.conftest import ROOT
 from tests.gcs import free_port
 
@@ -62,6 +64,29 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) ->
         time.sleep(0.25)
 
 
+ROUGH_CONFIG = """
+providers:
+  - name: primary
+    kind: gemini
+    model: gemini-3-pro-image-preview
+    base_url: {url}
+    api_key_env: EMULATOR_KEY
+retry: {{base_delay_s: 0.2, max_delay_s: 1}}
+renditions:
+  - {{name: original, format: png}}
+  - {{name: thumb, format: jpeg, max_px: 128}}
+"""
+ROUGH_PROMPTS = "".join(
+    f'{{"id": "{pid}", "prompt": "{text}"}}\n'
+    for pid, text in [
+        ("mug", "a white mug on a table"),
+        ("shoe", "a red running shoe"),
+        ("knife", "a forbidden knife"),
+        ("lamp", "a brass desk lamp"),
+    ]
+)
+
+
 @pytest.fixture(scope="module")
 def ui_stack(tmp_path_factory) -> Iterator[dict]:
     """A real Prefect server with its UI, and `imagebatch serve` against it (one per module)."""
@@ -76,9 +101,21 @@ def ui_stack(tmp_path_factory) -> Iterator[dict]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "IMAGEBATCH_STATE_DIR": str(tmp_path / "state"),
+        "EMULATOR_KEY": "emulator-key",  # the rough night's provider (ROUGH_CONFIG)
     }
     procs: list[subprocess.Popen] = []
     logs = []
+    # a provider for a rough night: its first two calls are 503s, and it refuses a keyword
+    emulator = EmulatorServer(
+        EmulatorProfile(
+            providers={
+                "primary": ProviderProfile(
+                    script=[ScriptedFault(first=1, last=2, fault="overloaded")],
+                    safety_keywords=["forbidden"],
+                )
+            }
+        )
+    ).start()
     try:
         server_log = tmp_path / "server.log"
         logs.append(open(server_log, "wb"))  # noqa: SIM115 - closed below
@@ -105,6 +142,8 @@ def ui_stack(tmp_path_factory) -> Iterator[dict]:
         work = tmp_path / "work"
         (work / "examples").mkdir(parents=True)
         shutil.copy(ROOT / "examples" / "prompts.jsonl", work / "examples" / "prompts.jsonl")
+        (work / "rough.yaml").write_text(ROUGH_CONFIG.format(url=emulator.provider_url("primary")))
+        (work / "rough.jsonl").write_text(ROUGH_PROMPTS)
         serve_log = tmp_path / "serve.log"
         logs.append(open(serve_log, "wb"))  # noqa: SIM115 - closed below
         procs.append(
@@ -143,6 +182,7 @@ def ui_stack(tmp_path_factory) -> Iterator[dict]:
                     os.killpg(proc.pid, 9)
         for log in logs:
             log.close()
+        emulator.stop()
 
 
 @contextmanager
@@ -314,3 +354,67 @@ def test_schedule_times_show_in_the_users_time_zone(ui_stack, tmp_path, timezone
         card = datetime(2000, 1, 1, hour, minute).strftime("At %I:%M %p")
         page.get_by_text(card, exact=True).first.wait_for(timeout=30_000)
         page.screenshot(path=str(tmp_path / "schedule.png"), full_page=True)
+
+
+def test_a_rough_nights_report_shows_its_retried_prompts_and_contact_sheet(ui_stack, tmp_path):
+    """The operator opens the night's report: the prompts that needed retries link their
+    generate task runs, and the contact sheet is named (local output has no web address)."""
+    base = ui_stack["base"]
+    for _ in range(5):  # a busy SQLite server on 2 cores can answer 503 for a moment
+        response = httpx.post(
+            f"{base}/api/deployments/{ui_stack['deployment']}/create_flow_run",
+            json={
+                "parameters": {
+                    "run": {
+                        "prompts": "rough.jsonl",
+                        "config": "rough.yaml",
+                        "batch_id": "ui-rough",
+                    }
+                }
+            },
+            timeout=30,
+        )
+        if response.status_code < 500:
+            break
+        time.sleep(2)
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    deadline = time.monotonic() + 240
+    while True:
+        run = httpx.get(f"{base}/api/flow_runs/{run_id}", timeout=10).json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        assert time.monotonic() < deadline, f"the rough night never ended: {run['state']}"
+        time.sleep(1)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    records = [json.loads(x) for x in _manifest_lines(ui_stack["work"], "ui-rough")]
+    retried = sorted(r["id"] for r in records if len(r["attempts"]) > 1)
+    assert retried, "the two 503s retried no prompt"
+    assert {r["id"]: r["status"] for r in records}["knife"] == "blocked"
+    assert (ui_stack["work"] / "output" / "ui-rough" / "contact-sheet.png").stat().st_size > 1000
+
+    with _browser_page(tmp_path) as page:
+        page.goto(f"{base}/v2/runs/flow-run/{run_id}")
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("imagebatch-report").first.click()
+        page.get_by_role(
+            "heading", name="Prompts that needed retries or another provider"
+        ).wait_for(timeout=60_000)
+        page.get_by_role("heading", name="Contact sheet").wait_for(timeout=10_000)
+        # local output: the UI opens no file:// link, so the report names the sheet's path
+        sheet = ui_stack["work"] / "output" / "ui-rough" / "contact-sheet.png"
+        page.get_by_text(str(sheet), exact=True).wait_for(timeout=10_000)
+        for prompt_id in retried:
+            assert page.get_by_role("link", name=f"generate-{prompt_id}").count() == 1
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+
+        # the link leads to that prompt's generate task run, with its retry in its states
+        page.get_by_role("link", name=f"generate-{retried[0]}").click()
+        page.wait_for_url(re.compile(r"/runs/task-run/"), timeout=60_000)
+        page.get_by_text(f"generate-{retried[0]}").first.wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"HTTP 503\] ProviderOverloaded")).first.wait_for(
+            timeout=60_000
+        )
+        page.screenshot(path=str(tmp_path / "retried-task-run.png"), full_page=True)
+
+    assert (tmp_path / "report.png").stat().st_size > 10_000
