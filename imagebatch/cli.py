@@ -426,8 +426,8 @@ def _cmd_limits_sync(args: argparse.Namespace) -> int:
 
     done = asyncio.run(sync_limits(config, Settings().time_scale))
     for spec, what in done:
-        decay = f", {spec.slot_decay_per_second}/s decay" if spec.slot_decay_per_second else ""
-        print(f"{what:9}  {spec.name}  ({spec.kind}: limit {spec.limit}{decay})")
+        held = f", each held {spec.window_s:g} s" if spec.window_s else ""
+        print(f"{what:9}  {spec.name}  ({spec.kind}: limit {spec.limit}{held})")
     if not done:
         print("the config has no provider limits to share")
     return EXIT_OK

@@ -151,9 +151,13 @@ class RecordStore:
         return self.sink.read(self._key_of(record, uri))
 
     def write_sheet(self, png: bytes) -> str:
-        """Replace the batch's contact sheet; its URI."""
+        """Replace the batch's contact sheet (unless it is the same: a rerun with nothing new
+        to do writes nothing); its URI."""
         key = f"{self.batch_id}/{SHEET_NAME}"
-        self.sink.write(key, png, content_type="image/png", metadata={}, cache_control=_NO_CACHE)
+        if self.sink.read(key) != png:
+            self.sink.write(
+                key, png, content_type="image/png", metadata={}, cache_control=_NO_CACHE
+            )
         return self.sink.uri(key)
 
     @property

@@ -5,8 +5,9 @@
 - ``imagebatch-<provider>-in-flight``: ``max_in_flight`` slots, held for the length of one call
   (a 60 s lease renewed while the call runs, so a killed worker's slot comes back within about
   75 s: the lease, then the server's 15 s sweep);
-- ``imagebatch-<provider>-rpm``: a token bucket that never lets all workers together start more
-  calls in a minute than the quota (see :func:`imagebatch.resilience.shared_limit_specs`);
+- ``imagebatch-<provider>-rpm``: a sliding window of ``quota`` slots, each start holding one
+  for 60 s and the slack, so that all workers together never start more calls in a minute than
+  the quota (see :func:`imagebatch.resilience.shared_limit_specs`);
 - the daily allowance as one limit per provider day, ``imagebatch-<provider>-rpd-<day>``, with
   ``rpd`` slots that are taken and never given back (created on the day's first request).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -42,17 +44,30 @@ __all__ = [
 
 
 class PrefectSharedLimits:
-    """The shared in-flight cap (a leased slot), then the shared pace (a token), around one call.
+    """The shared in-flight cap (a leased slot), then the shared pace (a slot of the minute's
+    window, given back a window later), around one call.
 
     One client for the run, and one request per process and provider asking the server at a
     time: Prefect lengthens every refused request's suggested wait by the number of refusals, so
-    a crowd of waiters from one process would only slow each other down. Tokens and slots are
-    polled on our own schedule (see :func:`_take_token`).
+    a crowd of waiters from one process would only slow each other down. Slots are asked for
+    on our own schedule (:func:`_poll`, :meth:`_take_start`).
     """
 
-    def __init__(self, specs: list[LimitSpec], *, lease_s: float = 60.0, poll_s: float = 0.2):
+    def __init__(
+        self,
+        specs: list[LimitSpec],
+        *,
+        lease_s: float = 60.0,
+        poll_s: float = 0.2,
+        window_lease_s: float = 75.0,
+    ):
         self._in_flight = {s.provider: s for s in specs if s.kind == "in-flight"}
-        self._rate = {s.provider: s for s in specs if s.kind == "rate"}
+        self._rate = {s.provider: s for s in specs if s.kind == "window"}
+        # a per-minute slot is given back one window after it was granted; its lease, longer
+        # than the window (60 s is the server's floor), frees it if this process dies first
+        self._window_lease_s = window_lease_s
+        self._releasing: set[asyncio.Task] = set()
+        self._due_back: set[asyncio.TimerHandle] = set()
         self._queues: dict[str, asyncio.Lock] = {}
         # a dead worker's slot comes back this long after its last renewal (plus the server's
         # 15 s sweep); a living one renews every third of it. 60 s is the server's floor.
@@ -84,14 +99,7 @@ class PrefectSharedLimits:
             )
             try:
                 if provider in self._rate:
-                    rate = self._rate[provider]
-                    await _poll(
-                        rate,
-                        lambda: client.increment_concurrency_slots(
-                            [rate.name], slots=1, mode="rate_limit"
-                        ),
-                        0.5 / (rate.slot_decay_per_second or 1.0),
-                    )
+                    await self._take_start(client, self._rate[provider])
             except BaseException:
                 await client.release_concurrency_slots_with_lease(lease["lease_id"])
                 raise
@@ -101,6 +109,55 @@ class PrefectSharedLimits:
         finally:
             renewing.cancel()
             await client.release_concurrency_slots_with_lease(lease["lease_id"])
+
+    async def _take_start(self, client, spec: LimitSpec) -> None:
+        """Take one of the window's ``quota`` slots for a start, and give it back one window
+        (60 s and the slack) after the server granted it.
+
+        Asked for only when a read shows a free slot: a refused ask is a write, and on a SQLite
+        server writes wait for each other. A worker that dies keeps its slots until their lease
+        ends and the server's sweep frees them (at most ``window_lease_s`` and 15 s).
+        """
+        from httpx import HTTPStatusError
+
+        while True:
+            try:
+                current = await client.read_global_concurrency_limit_by_name(spec.name)
+            except ObjectNotFound:
+                raise _limit_gone(spec) from None
+            if current.active_slots >= current.limit:
+                await asyncio.sleep(self._poll_s * random.uniform(0.5, 1.5))
+                continue
+            try:
+                response = await client.increment_concurrency_slots_with_lease(
+                    [spec.name], slots=1, mode="concurrency", lease_duration=self._window_lease_s
+                )
+            except HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise
+                continue  # another worker took the last one first
+            body = response.json()
+            if not body.get("limits"):
+                raise _limit_gone(spec)
+            break
+        handle = asyncio.get_running_loop().call_later(
+            spec.window_s or 61.0, lambda: self._give_back(client, body["lease_id"], handle)
+        )
+        self._due_back.add(handle)
+
+    def _give_back(self, client, lease_id, handle: asyncio.TimerHandle) -> None:
+        self._due_back.discard(handle)
+        task = asyncio.ensure_future(self._release_window_slot(client, lease_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_window_slot(self, client, lease_id) -> None:
+        try:
+            await client.release_concurrency_slots_with_lease(lease_id)
+        except Exception as exc:  # its lease ends anyway: the slot comes back a little later
+            logging.getLogger("imagebatch.limits").warning(
+                "could not give back a shared per-minute slot (its lease frees it): %s", exc
+            )
 
     async def _renew(self, client, lease_id) -> None:
         """Keep a held slot's lease alive while the call runs (a call may outlast the lease)."""
@@ -114,13 +171,29 @@ class PrefectSharedLimits:
                 )
 
     async def aclose(self) -> None:
+        """Close the client. Per-minute slots not yet due back are left to their leases (they
+        come back within ``window_lease_s`` and the server's 15 s sweep): giving them back now
+        would let the next minute hold more than the quota."""
+        for handle in self._due_back:
+            handle.cancel()
+        self._due_back.clear()
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._client is not None:
             client, self._client = self._client, None
             await client.__aexit__(None, None, None)
 
 
+def _limit_gone(spec: LimitSpec) -> ConfigError:
+    return ConfigError(
+        f"the global concurrency limit {spec.name!r} is gone: run `imagebatch limits sync` again",
+        source="shared_limits",
+    )
+
+
 async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
-    """Ask until the server grants it; refusals (423) are asked again after ``pause``.
+    """Ask for an in-flight slot until the server grants it; refusals (423) ask again after
+    ``pause`` (a concurrency limit does not decay: a refusal costs only its round trip).
 
     Prefect's own ``rate_limit`` and ``concurrency`` sleep for the server's randomised
     ``Retry-After``, which grows with every refusal: measured, ``rate_limit`` delivers 60-74% of
@@ -140,11 +213,7 @@ async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
         body = response.json()
         limits = body.get("limits", []) if isinstance(body, dict) else body
         if not limits:  # strict: the limit was deleted since the batch started
-            raise ConfigError(
-                f"the global concurrency limit {spec.name!r} is gone: run "
-                "`imagebatch limits sync` again",
-                source="shared_limits",
-            )
+            raise _limit_gone(spec)
         return body if isinstance(body, dict) else {}
 
 
@@ -251,7 +320,10 @@ async def sync_limits(config: BatchConfig, time_scale: float = 1.0) -> list[tupl
             )
             if not same:
                 await client.upsert_global_concurrency_limit_by_name(
-                    spec.name, spec.limit, spec.slot_decay_per_second
+                    # 0.0, not None: a per-minute limit synced by an earlier version decayed
+                    spec.name,
+                    spec.limit,
+                    spec.slot_decay_per_second or 0.0,
                 )
             done.append((spec, "unchanged" if same else "updated" if current else "created"))
     return done

@@ -26,6 +26,7 @@ from imagebatch.resilience.health import (
 )
 from imagebatch.resilience.router import AttemptInfo, Emit, Lane, Router
 from imagebatch.resilience.shared import (
+    SHARED_PACE_SLACK_S,
     LimitSpec,
     NoSharedLimits,
     SharedLimits,
@@ -34,6 +35,7 @@ from imagebatch.resilience.shared import (
 )
 
 __all__ = [
+    "SHARED_PACE_SLACK_S",
     "Admission",
     "AttemptInfo",
     "CircuitBreaker",

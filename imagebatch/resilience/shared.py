@@ -10,6 +10,7 @@ core only describes the limits (:func:`shared_limit_specs`) and calls the seam; 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from imagebatch.config import BatchConfig, ProviderConfig
 
 __all__ = [
+    "SHARED_PACE_SLACK_S",
     "LimitSpec",
     "NoSharedLimits",
     "SharedLimits",
@@ -48,13 +50,15 @@ class NoSharedLimits:
 
 @dataclass(frozen=True)
 class LimitSpec:
-    """One shared limit: ``limit`` slots, freed at ``slot_decay_per_second`` (None: on release)."""
+    """One shared limit: ``limit`` slots, freed at ``slot_decay_per_second`` (None: on release;
+    a ``window`` slot is released ``window_s`` after it was taken)."""
 
     name: str
     provider: str
-    kind: str  # "in-flight" or "rate"
+    kind: str  # "in-flight" or "window"
     limit: int
     slot_decay_per_second: float | None = None
+    window_s: float | None = None
 
 
 def limit_prefix(provider: ProviderConfig) -> str:
@@ -64,14 +68,24 @@ def limit_prefix(provider: ProviderConfig) -> str:
     return f"imagebatch-{usage_key(provider)}"
 
 
+#: seconds of slack in the shared pace: a request may reach the provider this much later than
+#: the server granted its start and still be counted in its own minute
+SHARED_PACE_SLACK_S = 1.0
+
+
 def shared_limit_specs(config: BatchConfig, time_scale: float = 1.0) -> list[LimitSpec]:
     """The shared limits a config needs, for every provider with a rate or an in-flight cap.
 
-    The rate is a token bucket of ``burst`` slots refilled at ``(rate - burst) / 60`` per second,
-    where ``rate`` is the quota less the safety margin: over any 60 s window it admits at most
-    ``burst + (rate - burst) = rate`` starts, however the processes' requests fall. A burst of 2
-    (from 4 RPM up) lets a process that polls late find a token waiting instead of losing the
-    slot: Prefect answers a refused request with a randomised wait.
+    The rate is a sliding window kept by the server: ``quota`` slots (whole requests: 10.5 RPM
+    is 10), each start holding one from the moment the server grants it until 60 s and the
+    slack after the worker got the grant. At any moment at most ``quota`` starts of the last
+    window hold a slot, so no 60 s window of the provider's clock holds more than the quota,
+    however the workers' requests fall, as long as each request reaches the provider within the
+    slack of its grant. All of the quota is usable: a slot is back one window later. (Prefect's
+    rate limits, which decay, restart their clock at every write to the limit: each start would
+    lose the time its write waited, and on a SQLite server writes wait seconds.) Each worker's
+    own gate still keeps the routing margin. A quota under one request a minute has one slot
+    held for a minute per request.
     """
     config.require_resolved("shared limits")
     specs = []
@@ -83,16 +97,16 @@ def shared_limit_specs(config: BatchConfig, time_scale: float = 1.0) -> list[Lim
         )
         rates = [r for r in (limits.rpm, limits.ipm) if r is not None]
         if rates:
-            rate = min(rates) * (1.0 - config.routing.margin)
-            burst = 2 if rate >= 4 else 1
-            refill = (rate - burst) / 60.0 if rate > burst else rate / 120.0
+            quota = min(rates)
+            slots = max(1, math.floor(quota))
+            window = 60.0 * slots / quota if quota < 1 else 60.0
             specs.append(
                 LimitSpec(
                     f"{prefix}-rpm",
                     provider.name,
-                    "rate",
-                    burst,
-                    round(refill * time_scale, 6),
+                    "window",
+                    slots,
+                    window_s=(window + SHARED_PACE_SLACK_S) / time_scale,
                 )
             )
     return specs
