@@ -69,11 +69,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[25, 100, 200])
     parser.add_argument("--size", default="1K", choices=["1K", "2K", "4K"])
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the rows here (e.g. bench/memory-runs.json)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.prompts[0], args.size, Path(os.environ["BENCH_OUT"]))
         return
+    rows = []
     print("| prompts | image size | succeeded | RSS before (MiB) | peak RSS (MiB) | seconds |")
     print("|---:|---|---:|---:|---:|---:|")
     for n in args.prompts:
@@ -92,10 +99,15 @@ def main() -> None:
             if result.returncode or not lines:
                 sys.exit(f"run of {n} prompts failed:\n{result.stderr[-3000:]}")
             r = json.loads(lines[-1])
+            rows.append(r)
             print(
                 f"| {r['prompts']} | {r['size']} | {r['succeeded']} | {r['rss_before_mib']} "
                 f"| {r['peak_rss_mib']} | {r['seconds']} |"
             )
+    if args.json:
+        from overhead import _save
+
+        _save(args.json, rows)
 
 
 if __name__ == "__main__":

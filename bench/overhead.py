@@ -114,6 +114,12 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the rows here (e.g. bench/overhead-runs.json)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -142,11 +148,27 @@ def main() -> None:
         finally:
             os.killpg(server.pid, 15)
             server.wait(30)
+    if args.json:
+        _save(args.json, rows)
     keys = list(rows[0])
     print("\n| " + " | ".join(keys) + " |")
     print("|" + "---:|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+def _save(path: Path, rows: list[dict]) -> None:
+    """The raw rows, with what they were measured on (commit, machine), for bench/RESULTS.md."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    path.write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "commit": commit, "cpus": os.cpu_count(), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":
