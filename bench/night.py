@@ -727,9 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.prompts, args.seeds = 4, args.seeds[:1]
         scales = {"naive": 3000.0, "litellm": 300.0, "imagebatch": 300.0}
-    for name in IMAGEBATCH:  # every imagebatch variant runs at imagebatch's scale
-        scales.setdefault(name, scales["imagebatch"])
-    scales.setdefault("litellm-loop", scales["litellm"])
+    for name in IMAGEBATCH:  # every variant runs at its contender's scale
+        scales.setdefault(name, scales.get("imagebatch", 5.0))
+    scales.setdefault("litellm-loop", scales.get("litellm", 2.0))
 
     seeds_for = {
         name: [int(x) for x in seeds.split(",")]
