@@ -367,7 +367,11 @@ def test_rerun_runs_only_what_did_not_succeed_and_blocked_only_on_request(tmp_pa
         second = _imagebatch(
             "rerun", str(manifest), "--quiet", api_url=prefect_server, cwd=ROOT, env=keys
         )
-        assert second.returncode == 0, second.stderr[-2000:]
+        if skipped == ["odd"]:  # the rerun's only prompt was refused: nothing published, Failed
+            assert second.returncode == 1, second.stderr[-2000:]
+            assert "the providers refused every prompt" in second.stdout + second.stderr
+        else:
+            assert second.returncode == 0, second.stderr[-2000:]
         assert "succeeded 2  blocked 1  failed 0  skipped 0  resumed 2" in second.stdout
         assert len(server.emulator.log) == sent_before + 1  # only the skipped prompt was sent
 
