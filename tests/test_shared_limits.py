@@ -164,43 +164,7 @@ def test_two_workers_together_stay_within_the_shared_rpm_rpd_and_in_flight(
     with EmulatorServer(profile) as server:
         config = tmp_path / "c.yaml"
         config.write_text(CONFIG.format(url=server.url, rpm=rpm, rpd=rpd, in_flight=in_flight))
-        env = {
-            **os.environ,
-            "PREFECT_API_URL": prefect_server,
-            "EMULATOR_KEY": "emulator-key",
-            "IMAGEBATCH_TIME_SCALE": str(scale),
-            "IMAGEBATCH_STATE_DIR": str(tmp_path / "state"),  # not shared: the server counts
-        }
-        cli = [sys.executable, "-m", "imagebatch.cli"]
-        sync = subprocess.run(
-            [*cli, "limits", "sync", "--config", str(config)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert sync.returncode == 0, sync.stderr
-        assert "imagebatch-primary-gemini-gemini-3-pro-image-preview-rpm" in sync.stdout
-
-        workers = []
-        for w in range(2):
-            prompts = tmp_path / f"w{w}.jsonl"
-            prompts.write_text(
-                "".join(
-                    json.dumps({"id": f"w{w}-{i:02d}", "prompt": f"worker {w} prompt {i}"}) + "\n"
-                    for i in range(per_worker)
-                )
-            )
-            args = ["run", str(prompts), "--config", str(config), "--output", str(tmp_path / "o")]
-            workers.append(
-                subprocess.Popen(
-                    [*cli, *args, "--batch-id", f"worker-{w}", "--quiet"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
+        workers = _start_workers(tmp_path, prefect_server, config, scale, per_worker)
         outputs = [w.communicate(timeout=600) for w in workers]
         log = httpx.get(f"{server.url}/_emulator/log").json()
 
@@ -241,6 +205,7 @@ def _start_workers(tmp_path, prefect_server, config, scale, per_worker) -> list:
         timeout=120,
     )
     assert sync.returncode == 0, sync.stderr
+    assert "-rpm  (window: limit" in sync.stdout
     workers = []
     for w in range(2):
         prompts = tmp_path / f"w{w}.jsonl"
