@@ -6,8 +6,10 @@ For each prompt count, in a fresh process: (1) the raw provider time, i.e. the l
 ``generate`` for every prompt at the batch's in-flight cap and nothing else; (2) the whole
 nightly flow on the same prompts and config (Prefect task runs per prompt, renditions, records,
 manifest), on a Prefect server in another process. The per-prompt overhead is the difference of
-the two wall times over the prompt count; the flow's CPU time and peak RSS are its process's own.
-Images are small (64 px) so the figure is orchestration, not Pillow.
+the two wall times over the prompt count; the flow's CPU time and peak RSS are its process's own,
+and the Prefect server's CPU time over the same run is given beside it (its process tree, read
+from /proc before and after the run). Images are small (64 px) so the figure is orchestration,
+not Pillow.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     return start_prefect_server(home)
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds the Prefect server's process tree has used so far."""
+    from bench.night import tree_usage
+
+    return tree_usage(pid)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[1000, 10000])
@@ -139,12 +148,19 @@ def main() -> None:
                     "PREFECT_LOGGING_LEVEL": "WARNING",
                 }
                 child = [sys.executable, __file__, "--child", "--prompts", str(n)]
+                before = server_cpu_s(server.pid)
                 result = subprocess.run(child, env=env, capture_output=True, text=True)
+                server_ms = (server_cpu_s(server.pid) - before) / n * 1000
                 lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
                 if result.returncode or not lines:
                     sys.exit(f"run of {n} prompts failed:\n{result.stderr[-3000:]}")
-                rows.append(json.loads(lines[-1]))
-                print(lines[-1], flush=True)
+                row = json.loads(lines[-1])
+                row["server CPU per prompt (ms)"] = round(server_ms, 1)
+                row["flow + server CPU per prompt (ms)"] = round(
+                    row["flow CPU per prompt (ms)"] + server_ms, 1
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         finally:
             os.killpg(server.pid, 15)
             server.wait(30)
