@@ -51,6 +51,10 @@ PRICES = {"primary": 0.134, "backup": 0.04}  # USD per image: Gemini 3 Pro Image
 SAME_MODEL_PRICES = {"primary": 0.134, "backup": 0.134}
 LATENCY = {"latency_median_s": 45.0, "latency_p99_s": 100.0, "image_px": 32}
 BACKUP_LATENCY = {"latency_median_s": 30.0, "latency_p99_s": 80.0, "image_px": 32}
+#: wall seconds from a contender's READY to its first request before it counts as hung
+START_LIMIT_S = 240.0
+#: wall seconds between the starts of two imagebatch nights on the shared Prefect server
+STAGGER_S = 10.0
 CLIENT_TIMEOUT_S = 120.0  # every contender's per-call timeout (simulated seconds)
 PROBE_INTERVAL_S = 300.0  # imagebatch's probe interval; LiteLLM's cooldown is set the same
 HINT_SLACK_S = 1.0  # a call this soon after a 429 was already on its way, not a broken hint
@@ -307,8 +311,14 @@ def run_one(
         "IMAGEBATCH_TIME_SCALE": str(scale),
         "IMAGEBATCH_STATE_DIR": str(work / "state"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_CLIENT_MAX_RETRIES": "10",  # a busy server's 503s are retried with backoff
+        # a busy server's 503s are retried with backoff; Prefect's client waits 2**n s before
+        # its n-th retry, uncapped: at 10 retries a request the SQLite server kept refusing
+        # waited 2 + 4 + ... + 1024 s (34 min: the nights that hung before their first call).
+        # 7 caps one request's waits at about 4 min; past that the run fails and is redone
+        "PREFECT_CLIENT_MAX_RETRIES": "7",
     }
+    if contender.startswith("imagebatch"):  # the client's retries, in stderr.log
+        env["PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL"] = "DEBUG"
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
     with EmulatorServer(profile) as server:
@@ -337,21 +347,31 @@ def run_one(
             child = subprocess.Popen(
                 args, env=env, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=work
             )
-            # a night that hangs (once: a contender idle in its event loop for 35 minutes
-            # before its first request) is killed, and run again by the caller
+            # a night that hangs is killed, and run again by the caller: one that has not
+            # sent its first request START_LIMIT_S after it was ready, or that runs four times
+            # its expected length
             limit = 4 * expected_wall_s(scenario, contender, prompts, scale) + 300
             watchdog = threading.Timer(limit, child.kill)
             watchdog.start()
+
+            def first_request_or_kill() -> None:
+                if not server.emulator.log and child.poll() is None:
+                    child.kill()
+                    print(f"{scenario.name} {contender} seed {seed}: no request", flush=True)
+
+            starter = threading.Timer(START_LIMIT_S, first_request_or_kill)
             result: dict = {}
             assert child.stdout is not None
             try:
                 for line in child.stdout:
                     if line.strip() == "READY":  # imported: the night begins with its first call
                         server.emulator.reset(at_first_request=True)
+                        starter.start()
                     elif line.startswith("{"):
                         result = json.loads(line)
             finally:
                 watchdog.cancel()
+                starter.cancel()
         if child.wait() != 0 or not result:
             tail = stderr.read_text()[-3000:]
             raise RuntimeError(f"{contender} on {scenario.name} (seed {seed}) failed:\n{tail}")
@@ -754,11 +774,19 @@ def main(argv: list[str] | None = None) -> int:
         reverse=True,
     )
     started = time.perf_counter()
+    stagger = threading.Lock()
+    last_start = [0.0]
 
     def one(job: tuple[str, str, int]) -> Run:
         name, contender, seed = job
         work = home / f"{name}-{contender}-{seed}"
         for attempt in (1, 2):
+            if contender.startswith("imagebatch"):
+                # nights that start on one SQLite server together refuse each other's writes
+                # (503s and client backoff): one start every STAGGER_S at most
+                with stagger:
+                    time.sleep(max(0.0, last_start[0] + STAGGER_S - time.perf_counter()))
+                    last_start[0] = time.perf_counter()
             try:
                 return run_one(
                     chosen[name], contender, seed, scales[contender], args.prompts, work, api
