@@ -14,6 +14,18 @@
 Every use is strict: a batch whose limits were not synced fails before it sends a request,
 naming the command that fixes it. Retries never hold a slot: a call holds its slots
 only while it runs, and Prefect's retry wait happens outside it.
+
+What one worker learns about a provider reaches the others through the same server, created on
+first use (nothing to sync):
+
+- the variable ``imagebatch-<provider>-news`` (``.`` written ``_``): the end of the latest retry
+  hint and the circuit's last change (opened when, or closed), read by every worker once a
+  second. Variables have no compare-and-set: a writer merges with what it read (the later pause,
+  the later circuit change), reads back, and writes again if another worker's write replaced
+  its own;
+- the limit ``imagebatch-<provider>-probe``: one slot, taken by the worker that probes a
+  provider whose circuit is open and held for the probe interval, so that all workers together
+  send one probe per interval.
 """
 
 from __future__ import annotations
@@ -21,19 +33,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import re
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.exceptions import ObjectNotFound
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    VariableCreate,
+    VariableUpdate,
+)
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from imagebatch.config import BatchConfig
 from imagebatch.errors import ConfigError
-from imagebatch.resilience import LimitSpec, shared_limit_specs
+from imagebatch.resilience import LimitSpec, ProviderNews, shared_limit_specs
+
+log = logging.getLogger("imagebatch.limits")
+
+#: seconds at a learned shared ceiling without a 429 before one more start per window is tried
+#: (the same as a worker's own gate: ``GateSettings.probe_up_after_s``)
+SHARED_CEILING_PROBE_UP_S = 600.0
 
 __all__ = [
     "PrefectSharedLimits",
@@ -60,6 +87,8 @@ class PrefectSharedLimits:
         lease_s: float = 60.0,
         poll_s: float = 0.2,
         window_lease_s: float = 75.0,
+        news_poll_s: float = 1.0,
+        time_scale: float = 1.0,
     ):
         self._in_flight = {s.provider: s for s in specs if s.kind == "in-flight"}
         self._rate = {s.provider: s for s in specs if s.kind == "window"}
@@ -74,6 +103,21 @@ class PrefectSharedLimits:
         self._lease_s = lease_s
         self._poll_s = poll_s
         self._client = None
+        # provider news: one variable and one probe limit per provider, named like its limits
+        prefixes = {s.provider: s.name.removesuffix("-in-flight") for s in self._in_flight.values()}
+        self._news_names = {provider: news_name(prefix) for provider, prefix in prefixes.items()}
+        self._probe_names = {provider: f"{prefix}-probe" for provider, prefix in prefixes.items()}
+        self._news_poll_s = news_poll_s
+        self._seen_circuit_at: dict[str, float] = {}
+        self._first_news: dict[str, object] = {}
+        self._writing_news: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task] = set()
+        self._watching: asyncio.Task | None = None
+        self._probe_limits: set[str] = set()
+        self._raising: set[str] = set()
+        # a learned shared ceiling is tried one higher after this long without a 429
+        self._probe_up_s = SHARED_CEILING_PROBE_UP_S / time_scale
+        self._worker = f"{socket.gethostname()}:{os.getpid()}"
 
     async def _get_client(self):
         if self._client is None:
@@ -170,10 +214,213 @@ class PrefectSharedLimits:
                     "could not renew a shared in-flight slot's lease: %s", exc
                 )
 
+    # ------------------------------------------------------------------ provider news
+
+    async def read_news(self) -> None:
+        """Read every provider's news once before the run's first call: a worker that starts
+        while another's circuit is open must not send its own opening failures."""
+        async with get_client() as client:  # the run's own client belongs to its event loop
+            for provider, name in self._news_names.items():
+                self._first_news[provider] = await client.read_variable_by_name(name)
+
+    def learned_ceiling(self, provider: str) -> int | None:
+        """The per-minute limit the workers learned for ``provider``, as read before the run."""
+        variable = self._first_news.get(provider)
+        value = getattr(variable, "value", None)
+        ceiling = value.get("ceiling") if isinstance(value, dict) else None
+        return None if ceiling is None else int(ceiling)
+
+    def watch(self, apply: Callable[[str, ProviderNews], None]) -> None:
+        """Apply the news read before the run, then read every provider's news once a second
+        and hand what changed to ``apply``."""
+        for provider, variable in self._first_news.items():
+            news = self._news_from(provider, variable)
+            if news is not None:
+                apply(provider, news)
+        self._first_news.clear()
+        if self._news_names and self._watching is None:
+            self._watching = asyncio.ensure_future(self._watch(apply))
+
+    async def _watch(self, apply: Callable[[str, ProviderNews], None]) -> None:
+        warned_at = float("-inf")
+        while True:
+            for provider, name in self._news_names.items():
+                try:
+                    client = await self._get_client()
+                    variable = await client.read_variable_by_name(name)
+                except Exception as exc:  # the next read may get through; say so once a minute
+                    if time.monotonic() - warned_at > 60:
+                        warned_at = time.monotonic()
+                        log.warning("could not read other workers' news of %s: %s", provider, exc)
+                    continue
+                news = self._news_from(provider, variable)
+                if news is not None:
+                    apply(provider, news)
+                value = variable.value if variable is not None else None
+                if isinstance(value, dict) and provider in self._rate:
+                    ceiling, at = value.get("ceiling"), value.get("ceiling_at")
+                    clean = at is not None and time.time() - float(at) >= self._probe_up_s
+                    if ceiling is not None and clean and provider not in self._raising:
+                        self._raising.add(provider)
+                        self._background_task(self._raise_window(provider, int(ceiling)))
+            await asyncio.sleep(self._news_poll_s)
+
+    def _news_from(self, provider: str, variable) -> ProviderNews | None:
+        value = variable.value if variable is not None else None
+        if not isinstance(value, dict):
+            return None
+        now = time.time()
+        paused_for = max(0.0, float(value.get("paused_until", 0.0)) - now)
+        circuit, opened_ago = None, 0.0
+        circuit_at = value.get("circuit_at")
+        if circuit_at is not None and circuit_at != self._seen_circuit_at.get(provider):
+            self._seen_circuit_at[provider] = circuit_at
+            circuit = value.get("circuit")
+            opened_ago = max(0.0, now - float(circuit_at))
+        if paused_for <= 0 and circuit is None:
+            return None
+        return ProviderNews(paused_for=paused_for, circuit=circuit, opened_ago=opened_ago)
+
+    def report(self, provider: str, news: ProviderNews) -> None:
+        """Write ``news`` to the provider's variable in the background (merged with what is
+        there: the later pause, the later circuit change); a 429 that may mean a lower quota
+        lowers the shared per-minute window to what all workers started in it."""
+        if provider not in self._news_names:
+            return
+        now = time.time()
+        mine: dict = {}
+        if news.paused_for > 0:
+            mine["paused_until"] = now + news.paused_for
+        if news.circuit is not None:
+            mine["circuit"] = news.circuit
+            mine["circuit_at"] = now - news.opened_ago if news.circuit == "opened" else now
+            self._seen_circuit_at[provider] = mine["circuit_at"]  # not news to ourselves
+        if mine:
+            self._background_task(self._write_news(provider, mine))
+        if news.rate_limited and provider in self._rate:
+            self._background_task(self._lower_window(provider))
+
+    def _background_task(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lower_window(self, provider: str) -> None:
+        """The provider refused a start although the shared window had room: its real quota
+        is what every worker started in the last window, without the refused start. Lower the
+        window's limit to that (the server then refuses every worker's extra start), and say
+        so in the news, where the workers also raise it again by one after a clean spell."""
+        spec = self._rate[provider]
+        try:
+            async with self._writing_news.setdefault(provider, asyncio.Lock()):
+                client = await self._get_client()
+                current = await client.read_global_concurrency_limit_by_name(spec.name)
+                admitted = current.active_slots - 1
+                # as full as the workers fill it: a 429 is arrival jitter, not a lower quota
+                if admitted >= current.limit - 1:
+                    return
+                ceiling = max(1, admitted)
+                await client.update_global_concurrency_limit(
+                    spec.name, GlobalConcurrencyLimitUpdate(limit=ceiling)
+                )
+            log.warning(
+                "%s refused a call with %d started in the last minute by all workers: the shared "
+                "per-minute limit %s is %d until a clean spell raises it (configured %d)",
+                provider, admitted, spec.name, ceiling, spec.limit,
+            )  # fmt: skip
+            await self._write_news(provider, {"ceiling": ceiling, "ceiling_at": time.time()})
+        except Exception as exc:  # each worker's own gate still learns from its 429s
+            log.warning("could not lower the shared per-minute limit of %s: %s", provider, exc)
+
+    async def _raise_window(self, provider: str, ceiling: int) -> None:
+        """A clean spell at a learned ceiling: try one more start per window (a 429 lowers it
+        again); at the configured quota the ceiling is gone."""
+        spec = self._rate[provider]
+        higher = ceiling + 1
+        try:
+            client = await self._get_client()
+            await client.update_global_concurrency_limit(
+                spec.name, GlobalConcurrencyLimitUpdate(limit=min(higher, spec.limit))
+            )
+            await self._write_news(
+                provider,
+                {"ceiling": higher if higher < spec.limit else None, "ceiling_at": time.time()},
+            )
+        except Exception as exc:
+            log.warning("could not raise the shared per-minute limit of %s: %s", provider, exc)
+        finally:
+            self._raising.discard(provider)
+
+    async def _write_news(self, provider: str, mine: dict) -> None:
+        name = self._news_names[provider]
+        try:
+            async with self._writing_news.setdefault(provider, asyncio.Lock()):
+                client = await self._get_client()
+                for _ in range(3):  # no compare-and-set: write, read back, again if overwritten
+                    variable = await client.read_variable_by_name(name)
+                    value = variable.value if variable is not None else None
+                    current = dict(value) if isinstance(value, dict) else {}
+                    merged = _merge_news(current, mine, self._worker)
+                    if merged == current:
+                        return
+                    if variable is None:
+                        with contextlib.suppress(ObjectAlreadyExists):  # another worker's first
+                            await client.create_variable(VariableCreate(name=name, value=merged))
+                    else:
+                        await client.update_variable(VariableUpdate(name=name, value=merged))
+                    await asyncio.sleep(0.2)
+        except Exception as exc:  # the others learn it from their own calls, a little later
+            log.warning("could not tell other workers about %s: %s", provider, exc)
+
+    async def claim_probe(self, provider: str, interval_s: float) -> bool:
+        """Take the provider's probe slot for ``interval_s`` (its lease frees it if this process
+        dies first), or say another worker holds it."""
+        from httpx import HTTPStatusError
+
+        name = self._probe_names.get(provider)
+        if name is None:
+            return True
+        client = await self._get_client()
+        try:
+            if name not in self._probe_limits:
+                try:
+                    await client.read_global_concurrency_limit_by_name(name)
+                except ObjectNotFound:
+                    with contextlib.suppress(ObjectAlreadyExists):
+                        await client.create_global_concurrency_limit(
+                            GlobalConcurrencyLimitCreate(name=name, limit=1)
+                        )
+                self._probe_limits.add(name)
+            response = await client.increment_concurrency_slots_with_lease(
+                [name], slots=1, mode="concurrency", lease_duration=max(60.0, interval_s + 15.0)
+            )
+        except HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                return False
+            log.warning("could not ask for %s's probe slot, probing anyway: %s", provider, exc)
+            return True
+        except Exception as exc:  # a probe too many is better than a provider never probed
+            log.warning("could not ask for %s's probe slot, probing anyway: %s", provider, exc)
+            return True
+        lease_id = response.json().get("lease_id")
+        if lease_id is not None:  # held for the interval, then given back
+            handle = asyncio.get_running_loop().call_later(
+                interval_s, lambda: self._give_back(client, lease_id, handle)
+            )
+            self._due_back.add(handle)
+        return True
+
     async def aclose(self) -> None:
         """Close the client. Per-minute slots not yet due back are left to their leases (they
         come back within ``window_lease_s`` and the server's 15 s sweep): giving them back now
-        would let the next minute hold more than the quota."""
+        would let the next minute hold more than the quota. News being written is waited for."""
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for handle in self._due_back:
             handle.cancel()
         self._due_back.clear()
@@ -182,6 +429,28 @@ class PrefectSharedLimits:
         if self._client is not None:
             client, self._client = self._client, None
             await client.__aexit__(None, None, None)
+
+
+def _merge_news(current: dict, mine: dict, worker: str) -> dict:
+    """``current`` with ``mine`` merged in: the later pause, the later circuit change; times
+    also written in UTC for whoever reads the variable in the UI."""
+    merged = dict(current)
+    if mine.get("paused_until", 0.0) > current.get("paused_until", 0.0):
+        merged["paused_until"] = mine["paused_until"]
+        merged["paused_until_utc"] = _utc(mine["paused_until"])
+        merged["paused_by"] = worker
+    for field in ("circuit", "ceiling"):  # the later change wins
+        at = f"{field}_at"
+        if at in mine and mine[at] > current.get(at, float("-inf")):
+            merged[field] = mine[field]
+            merged[at] = mine[at]
+            merged[f"{at}_utc"] = _utc(mine[at])
+            merged[f"{field}_by"] = worker
+    return merged
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
 
 def _limit_gone(spec: LimitSpec) -> ConfigError:
@@ -325,8 +594,29 @@ async def sync_limits(config: BatchConfig, time_scale: float = 1.0) -> list[tupl
                     spec.limit,
                     spec.slot_decay_per_second or 0.0,
                 )
-            done.append((spec, "unchanged" if same else "updated" if current else "created"))
+            what = "unchanged" if same else "updated" if current else "created"
+            if spec.kind == "window" and await _forget_ceiling(client, spec):
+                what = "reset"  # the workers had learned a lower quota: the config's is back
+            done.append((spec, what))
     return done
+
+
+async def _forget_ceiling(client, spec: LimitSpec) -> bool:
+    """Clear a per-minute ceiling the workers learned (the news variable says so)."""
+    name = news_name(spec.name.removesuffix("-rpm"))
+    variable = await client.read_variable_by_name(name)
+    value = variable.value if variable is not None else None
+    if not isinstance(value, dict) or value.get("ceiling") is None:
+        return False
+    now = time.time()
+    cleared = {**value, "ceiling": None, "ceiling_at": now, "ceiling_at_utc": _utc(now)}
+    await client.update_variable(VariableUpdate(name=name, value=cleared))
+    return True
+
+
+def news_name(prefix: str) -> str:
+    """The Prefect variable of a provider's news (variable names allow no dots)."""
+    return re.sub(r"[^a-z0-9_-]", "_", f"{prefix}-news".lower())
 
 
 @task(name="check_shared_limits", cache_policy=NO_CACHE, persist_result=False)
@@ -340,6 +630,8 @@ async def check_shared_limits(
     """
     specs = shared_limit_specs(config, time_scale)
     fix = "run `imagebatch limits sync" + (f" --config {source}`" if source else "`")
+    shared = PrefectSharedLimits(specs, time_scale=time_scale)
+    await shared.read_news()
     async with get_client() as client:
         for spec in specs:
             try:
@@ -351,8 +643,13 @@ async def check_shared_limits(
                     source=source,
                     key="shared_limits",
                 ) from None
-            if current.limit != spec.limit or current.slot_decay_per_second != (
-                spec.slot_decay_per_second or 0.0
+            # a per-minute window the workers lowered to a quota they learned is in order
+            learned = spec.kind == "window" and current.limit == shared.learned_ceiling(
+                spec.provider
+            )
+            if not learned and (
+                current.limit != spec.limit
+                or current.slot_decay_per_second != (spec.slot_decay_per_second or 0.0)
             ):
                 raise ConfigError(
                     f"the global concurrency limit {spec.name!r} (limit {current.limit}, decay "
@@ -361,4 +658,4 @@ async def check_shared_limits(
                     source=source,
                     key="shared_limits",
                 )
-    return PrefectSharedLimits(specs)
+    return shared

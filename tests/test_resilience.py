@@ -20,7 +20,9 @@ from imagebatch.resilience import (
     FileUsageStore,
     GateSettings,
     MemoryUsageStore,
+    NoSharedLimits,
     ProviderGate,
+    ProviderNews,
     RetryBudget,
     SpendCap,
     build_router,
@@ -848,7 +850,7 @@ def test_shared_limits_are_held_around_the_call_after_the_local_gate():
 
     trace: list[str] = []
 
-    class Shared:
+    class Shared(NoSharedLimits):
         @contextlib.asynccontextmanager
         async def slot(self, provider):
             lane = next(x for x in router.lanes if x.name == provider)
@@ -856,9 +858,6 @@ def test_shared_limits_are_held_around_the_call_after_the_local_gate():
             await sim.sleep(2.0)  # other workers hold the shared slots for a while
             yield
             trace.append(f"exit {provider}")
-
-        async def aclose(self):
-            pass
 
     router, sim, _ = _router(CHAIN, shared=Shared())
     infos = []
@@ -872,6 +871,144 @@ def test_shared_limits_are_held_around_the_call_after_the_local_gate():
     assert result == "primary"
     assert trace == ["enter primary (gate in flight 1)", "call primary", "exit primary"]
     assert infos[0].waited_s == pytest.approx(2.0, abs=0.01)
+
+
+class Board:
+    """What workers share, kept in memory on one simulated clock: news reaches the others at
+    once, and one probe per interval is granted among all (the Prefect side of the same seam is
+    tested on a real server in tests/test_shared_limits.py)."""
+
+    def __init__(self, sim: SimClock) -> None:
+        self.sim = sim
+        self.listeners: list[Callable[[str, ProviderNews], None]] = []
+        self.probe_free_at: dict[str, float] = {}
+        self.reports: list[tuple[str, ProviderNews]] = []
+        self.probes_refused = 0
+
+    def worker(self) -> NoSharedLimits:
+        board = self
+
+        class Shared(NoSharedLimits):
+            def report(self, provider, news):
+                board.reports.append((provider, news))
+                for listener in board.listeners:
+                    if listener is not self.listener:
+                        listener(provider, news)
+
+            def watch(self, apply):
+                self.listener = apply
+                board.listeners.append(apply)
+
+            async def claim_probe(self, provider, interval_s):
+                if board.sim.now < board.probe_free_at.get(provider, float("-inf")):
+                    board.probes_refused += 1
+                    return False
+                board.probe_free_at[provider] = board.sim.now + interval_s
+                return True
+
+        return Shared()
+
+
+def _two_workers(text: str):
+    """Two routers (two worker processes) of one config, sharing a board and a clock."""
+    sim = SimClock()
+    board = Board(sim)
+    config = parse_config(text, source="test")
+    routers = [
+        build_router(
+            config,
+            _prices(config),
+            store=MemoryUsageStore(),
+            clock=sim,
+            sleep=sim.sleep,
+            shared=board.worker(),
+        )
+        for _ in range(2)
+    ]
+    return routers, sim, board
+
+
+def test_a_hint_one_worker_gets_pauses_the_provider_for_every_worker():
+    (a, b), sim, board = _two_workers(CHAIN)
+    hint = errors.RateLimited("429", retry_after=90.0)
+    _attempt(a, sim, Prompt(id="x", prompt="x"), lambda n, k: hint if n == "primary" else n)
+    assert board.reports == [("primary", ProviderNews(paused_for=90.0))]
+    assert b.lanes[0].gate.paused_for() == pytest.approx(90.0)
+    # paused longer than its patience: B's next prompt goes to the backup, none to the primary
+    result, calls = _attempt(b, sim, Prompt(id="y", prompt="y"), lambda n, k: n)
+    assert (result, calls) == ("backup", ["backup"])
+    # a shorter pause from another worker changes nothing
+    b.hear("primary", ProviderNews(paused_for=10.0))
+    assert b.lanes[0].gate.paused_for() > 80.0
+
+
+def test_an_open_circuit_holds_for_every_worker_and_they_send_one_probe_per_interval():
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    (a, b), sim, board = _two_workers(text)
+    down = errors.ProviderOverloaded("503")
+    for i in range(3):
+        _attempt(a, sim, Prompt(id=f"f{i}", prompt="x"), lambda n, k: down)
+    assert [lane.circuit.state for lane in (a.lanes[0], b.lanes[0])] == ["open", "open"]
+    # B never saw a failure: its prompts go to the backup, and no call of its reaches the primary
+    assert _attempt(b, sim, Prompt(id="b0", prompt="x"), lambda n, k: n) == ("backup", ["backup"])
+
+    # one interval later both workers have prompts: one probe in all, by whichever asks first
+    sim.now += 300
+    primary_calls: list[str] = []
+
+    async def both():
+        async def call_as(who: str, name: str) -> str:
+            if name == "primary":
+                primary_calls.append(who)
+                await sim.sleep(20.0)  # the probe takes a while; the other worker goes on
+            return name
+
+        return await asyncio.gather(
+            a.attempt(Prompt(id="pa", prompt="x"), lambda n: call_as("a", n)),
+            b.attempt(Prompt(id="pb", prompt="x"), lambda n: call_as("b", n)),
+        )
+
+    results = sim.run(both())
+    assert len(primary_calls) == 1 and board.probes_refused == 1
+    assert sorted(results) == ["backup", "primary"]
+    # the probe succeeded: both circuits closed, and B's next prompt goes to the primary
+    assert [lane.circuit.state for lane in (a.lanes[0], b.lanes[0])] == ["closed", "closed"]
+    assert [n.circuit for p, n in board.reports if n.circuit] == ["opened", "closed"]
+    assert _attempt(b, sim, Prompt(id="b1", prompt="x"), lambda n, k: n) == ("primary", ["primary"])
+
+
+def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_pause_heard_meanwhile():
+    import contextlib
+
+    class Shared(NoSharedLimits):
+        @contextlib.asynccontextmanager
+        async def slot(self, provider):
+            if provider == "primary":  # other workers hold the slots; one of them got a hint
+                await sim.sleep(2.0)
+                router.hear("primary", ProviderNews(paused_for=90.0))
+            yield
+
+    router, sim, _ = _router(CHAIN, shared=Shared())
+    result, calls = _attempt(router, sim, Prompt(id="a", prompt="x"), lambda n, k: n)
+    assert (result, calls) == ("backup", ["backup"])
+    assert router.spend.spent == pytest.approx(0.05)  # the primary's price was given back
+
+
+def test_a_worker_that_starts_after_the_circuit_opened_probes_on_the_same_schedule():
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    (_, b), _, board = _two_workers(text)
+    b.hear("primary", ProviderNews(circuit="opened", opened_ago=250.0))
+    assert b.lanes[0].circuit.state == "open"
+    assert b.lanes[0].circuit.available_in() == pytest.approx(50.0)
+    assert not [n for _, n in board.reports], "news heard is not passed on again"
+    # closed by another worker's probe while B's own circuit was open: B resumes at half pace
+    b.hear("primary", ProviderNews(circuit="closed"))
+    assert b.lanes[0].circuit.state == "closed"
+    assert b.lanes[0].gate.rate == pytest.approx(9.5 / 2)
 
 
 # ---------------------------------------------------------------- health across runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -15,7 +16,13 @@ import httpx
 import pytest
 
 from imagebatch.config import parse_config
-from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
+from imagebatch.emulator import (
+    EmulatorProfile,
+    EmulatorServer,
+    ProviderProfile,
+    ScriptedFault,
+    Window,
+)
 from imagebatch.resilience import shared_limit_specs
 from tests.conftest import ROOT
 
@@ -91,6 +98,34 @@ def test_time_scale_shortens_the_window_and_providers_without_rates_share_in_fli
         ("imagebatch-b-local-m2-in-flight", "in-flight", 4),
     ]
     assert specs[1].window_s == pytest.approx(61 / 10)
+
+
+def test_news_merges_keep_the_later_pause_and_the_later_circuit_and_ceiling_change():
+    from tasks.limits import _merge_news, news_name
+
+    current = {"paused_until": 100.0, "circuit": "opened", "circuit_at": 50.0}
+    # an earlier pause and an older circuit change lose: nothing to write
+    assert (
+        _merge_news(current, {"paused_until": 90.0, "circuit": "closed", "circuit_at": 40.0}, "w")
+        == current
+    )
+    merged = _merge_news(
+        current, {"paused_until": 130.0, "circuit": "closed", "circuit_at": 60.0}, "w2"
+    )
+    assert (merged["paused_until"], merged["circuit"], merged["circuit_at"]) == (
+        130.0,
+        "closed",
+        60.0,
+    )
+    assert merged["paused_by"] == merged["circuit_by"] == "w2"
+    assert merged["circuit_at_utc"] == "1970-01-01T00:01:00+00:00"
+    # a ceiling cleared later wins over the one learned before
+    learned = _merge_news({}, {"ceiling": 7, "ceiling_at": 10.0}, "w")
+    assert _merge_news(learned, {"ceiling": None, "ceiling_at": 20.0}, "w")["ceiling"] is None
+    # variable names allow no dots or capitals
+    assert news_name("imagebatch-backup-openai-gpt-image-1.5") == (
+        "imagebatch-backup-openai-gpt-image-1_5-news"
+    )
 
 
 def _run_flow(config_path, prompts_path, out, batch_id):
@@ -188,7 +223,9 @@ def test_two_workers_together_stay_within_the_shared_rpm_rpd_and_in_flight(
     assert skipped == 2 * per_worker - rpd
 
 
-def _start_workers(tmp_path, prefect_server, config, scale, per_worker) -> list:
+def _start_workers(tmp_path, prefect_server, config, scale, per_worker, before_second=None):
+    """``imagebatch limits sync``, then two ``imagebatch run`` workers of ``per_worker`` prompts
+    each (prompt texts "worker <w> prompt <i>"); ``before_second()`` is called between them."""
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
@@ -208,6 +245,8 @@ def _start_workers(tmp_path, prefect_server, config, scale, per_worker) -> list:
     assert "-rpm  (window: limit" in sync.stdout
     workers = []
     for w in range(2):
+        if w == 1 and before_second is not None:
+            before_second()
         prompts = tmp_path / f"w{w}.jsonl"
         prompts.write_text(
             "".join(
@@ -266,6 +305,223 @@ def test_two_workers_held_by_the_shared_rpm_use_nine_tenths_of_it_and_never_cros
     used = sum(1 for t in starts if t < starts[0] + 180) / (3 * rpm)
     print(f"quota used in three minutes: {used:.1%}")
     assert used >= 0.9, f"{used:.0%} of the quota; starts: {[round(t) for t in starts]}"
+
+
+NEWS_CONFIG = """
+providers:
+  - name: primary
+    kind: gemini
+    model: {model}-a
+    base_url: {url}/p/primary
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: 60}}
+    timeout_s: 30
+  - name: backup
+    kind: gemini
+    model: {model}-b
+    base_url: {url}/p/backup
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: 12}}
+    timeout_s: 30
+renditions: [{{name: original, format: png}}]
+shared_limits: true
+routing: {{failover_after: 3, probe_interval_s: {probe}}}
+"""
+
+
+def _primary_calls(log: dict) -> list[tuple[float, str, int | None]]:
+    """(simulated start, worker, status) of every call to the primary, in start order."""
+    return sorted(
+        (e["t_sim_s"], e["prompt"].split()[1], e["status"])
+        for e in log["requests"]
+        if e["provider"] == "primary"
+    )
+
+
+@pytest.mark.flow
+def test_a_retry_hint_one_worker_gets_holds_every_worker_off_the_provider(
+    tmp_path, real_prefect_server
+):
+    """The primary's 4th call gets a 429 with a 120 s hint. The worker that got it pauses the
+    primary; the other hears of it within a second and a poll, and neither sends the primary
+    anything until the hint has passed (both use the backup meanwhile)."""
+    scale, hint = 4, 120.0
+    profile = EmulatorProfile(
+        time_scale=scale,
+        providers={
+            "primary": ProviderProfile(
+                latency_median_s=2.0,
+                hint_s=hint,
+                script=[ScriptedFault(first=4, fault="rate_limited")],
+            ),
+            "backup": ProviderProfile(latency_median_s=2.0),
+        },
+    )
+    with EmulatorServer(profile) as server:
+        config = tmp_path / "c.yaml"
+        config.write_text(NEWS_CONFIG.format(url=server.url, model="hint-test", probe=60))
+        workers = _start_workers(tmp_path, real_prefect_server, config, scale, 20)
+        outputs = [w.communicate(timeout=600) for w in workers]
+        log = httpx.get(f"{server.url}/_emulator/log").json()
+    for worker, (_out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    calls = _primary_calls(log)
+    hinted = [c for c in calls if c[2] == 429]
+    assert len(hinted) == 1, calls
+    t429, told = hinted[0][0], hinted[0][1]
+    # a call the other worker started before it heard (a news poll of 1 s and the read: 2 wall
+    # seconds) is allowed; after that, nothing until the hint is over
+    heard = t429 + 2.0 * scale + 2.0
+    during = [c for c in calls if heard < c[0] < t429 + hint - 1.0]
+    assert during == [], f"worker {told} got the hint at {t429:.0f} s; calls: {calls}"
+    after = {c[1] for c in calls if c[0] >= t429 + hint - 1.0 and c[2] == 200}
+    assert after == {"0", "1"}, f"both workers come back to the primary: {calls}"
+
+
+@pytest.mark.flow
+def test_an_open_circuit_holds_for_a_worker_that_starts_later_and_all_send_one_probe_per_interval(
+    tmp_path, real_prefect_server
+):
+    """The primary is down for its first 240 simulated seconds. Worker 0's circuit opens after
+    its first failures; worker 1 starts after that and sends no failing calls of its own: the
+    two together send one probe per 60 s interval, and both come back once a probe succeeds."""
+    scale, probe, outage = 4, 60.0, 240.0
+    profile = EmulatorProfile(
+        time_scale=scale,
+        providers={
+            "primary": ProviderProfile(
+                latency_median_s=2.0,
+                outage_windows=[Window(start_s=0, duration_s=outage)],
+            ),
+            "backup": ProviderProfile(latency_median_s=2.0),
+        },
+    )
+    with EmulatorServer(profile) as server:
+        config = tmp_path / "c.yaml"
+        config.write_text(NEWS_CONFIG.format(url=server.url, model="probe-test", probe=probe))
+        second_started: list[float] = []
+
+        def after_the_circuit_opened() -> None:
+            deadline = time.monotonic() + 180
+            while True:
+                log = httpx.get(f"{server.url}/_emulator/log").json()
+                failed = [c for c in _primary_calls(log) if c[2] == 503]
+                if len(failed) >= 3:
+                    break
+                assert time.monotonic() < deadline, "worker 0 never reached the primary"
+                time.sleep(0.2)
+            time.sleep(3.0)  # its circuit opened and its news is written
+            second_started.append(server.emulator.sim_now())
+
+        workers = _start_workers(
+            tmp_path, real_prefect_server, config, scale, 40, before_second=after_the_circuit_opened
+        )
+        outputs = [w.communicate(timeout=900) for w in workers]
+        log = httpx.get(f"{server.url}/_emulator/log").json()
+    for worker, (_out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    calls = _primary_calls(log)
+    later = [c for c in calls if c[0] > second_started[0] and c[0] < outage]
+    # one probe per interval in all (a little slack for clocks and the news poll): worker 1
+    # sent no opening failures of its own, and the two did not each probe
+    probes = [c[0] for c in later]
+    assert len(probes) >= 2, f"no probes while the primary was down: {calls}"
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert all(gap >= probe - 4.0 for gap in gaps), f"probe starts {probes}"
+    # back: a probe succeeded and both workers send to the primary again
+    back = {c[1] for c in calls if c[0] >= outage and c[2] == 200}
+    assert back == {"0", "1"}, calls
+
+
+CEILING_CONFIG = """
+providers:
+  - name: primary
+    kind: gemini
+    model: {model}
+    base_url: {url}/p/primary
+    api_key_env: EMULATOR_KEY
+    limits: {{rpm: 10}}
+    timeout_s: 30
+renditions: [{{name: original, format: png}}]
+shared_limits: true
+"""
+
+
+@pytest.mark.flow
+def test_two_workers_learn_a_lower_quota_for_one_429_each_more_than_one_worker(
+    tmp_path, real_prefect_server
+):
+    """The config says 10 RPM, the provider allows 7. One worker alone pays a few 429s to learn
+    it; two workers sharing the account pay at most one more each, because the first 429
+    lowers the shared window for both. ``limits sync`` afterwards puts the config's quota back."""
+    scale, prompts = 4, 30
+
+    def night(model: str, workers: int) -> tuple[list, dict]:
+        profile = EmulatorProfile(
+            time_scale=scale,
+            providers={"primary": ProviderProfile(rpm=7, latency_median_s=2.0)},
+        )
+        with EmulatorServer(profile) as server:
+            config = tmp_path / f"{model}.yaml"
+            config.write_text(CEILING_CONFIG.format(url=server.url, model=model))
+            if workers == 1:
+                env = {
+                    **os.environ,
+                    "PREFECT_API_URL": real_prefect_server,
+                    "EMULATOR_KEY": "emulator-key",
+                    "IMAGEBATCH_TIME_SCALE": str(scale),
+                    "IMAGEBATCH_STATE_DIR": str(tmp_path / "state-one"),
+                }
+                cli = [sys.executable, "-m", "imagebatch.cli"]
+                subprocess.run(
+                    [*cli, "limits", "sync", "--config", str(config)], env=env, check=True
+                )
+                source = tmp_path / "one.jsonl"
+                source.write_text(
+                    "".join(
+                        json.dumps({"id": f"p{i}", "prompt": f"worker 0 prompt {i}"}) + "\n"
+                        for i in range(prompts)
+                    )
+                )
+                run = [*cli, "run", str(source), "--config", str(config), "--quiet"]
+                procs = [
+                    subprocess.Popen(
+                        [*run, "--output", str(tmp_path / "o1"), "--batch-id", "one"],
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                ]
+            else:
+                procs = _start_workers(tmp_path, real_prefect_server, config, scale, prompts // 2)
+            outputs = [p.communicate(timeout=600) for p in procs]
+            log = httpx.get(f"{server.url}/_emulator/log").json()
+        for proc, (_out, err) in zip(procs, outputs, strict=True):
+            assert proc.returncode == 0, err[-3000:]
+        return _primary_calls(log), {"config": str(config)}
+
+    alone, _ = night("ceiling-one", 1)
+    two, extra = night("ceiling-two", 2)
+    limited_alone = sum(1 for c in alone if c[2] == 429)
+    limited_two = sum(1 for c in two if c[2] == 429)
+    print(f"429s: one worker {limited_alone}, two workers {limited_two}")
+    assert sum(1 for c in two if c[2] == 200) == prompts
+    assert limited_two <= limited_alone + 2, (alone, two)
+
+    # the window the two learned is in order for the next batch; a sync puts 10 back
+    env = {**os.environ, "PREFECT_API_URL": real_prefect_server, "EMULATOR_KEY": "k"}
+    sync = subprocess.run(
+        [sys.executable, "-m", "imagebatch.cli", "limits", "sync", "--config", extra["config"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert limited_two >= 1  # 10 a minute against 7: the lower quota had to be learned
+    assert "reset      imagebatch-primary-gemini-ceiling-two-rpm  (window: limit 10" in (
+        sync.stdout
+    ), sync.stdout
 
 
 _HOLDER = """

@@ -87,6 +87,8 @@ class CircuitBreaker:
     def record_failure(self, ticket: Ticket, *, counts: bool) -> None:
         """A failed call; ``counts`` when it says the provider is overloaded or unavailable."""
         if ticket.probe:
+            if not self._probe_out:  # closed meanwhile by another worker's probe
+                return
             self._probe_out = False
             if counts:  # the next probe one interval after this one went out
                 self._open(since=self._probe_sent_at)
@@ -101,6 +103,30 @@ class CircuitBreaker:
                 self._open()
         else:
             self.failures = 0
+
+    def defer_probe(self, ticket: Ticket) -> None:
+        """Another worker probes the provider in this interval: ours is not sent, and the next
+        is due one interval from now (that worker's news closes the circuit sooner)."""
+        if ticket.probe and self._probe_out:
+            self._probe_out = False
+            self.state = "open"
+            self.opened_at = self.clock()
+
+    def open_on_news(self, opened_ago: float) -> None:
+        """Another worker's circuit to the same provider opened ``opened_ago`` seconds ago:
+        open this one as if it had, its first probe due one interval after that."""
+        if self.state != "closed":
+            return
+        self.opened_at = self.clock() - max(0.0, opened_ago)
+        self._open(since=self.opened_at)
+
+    def close_on_news(self) -> None:
+        """Another worker's probe succeeded: the provider is back for this worker too."""
+        if self.state == "closed":
+            return
+        self._probe_out = False
+        self.generation += 1  # a probe of ours still out changes nothing when it ends
+        self._close()
 
     def restore_open(self, opened_ago: float) -> None:
         """Start open, as a run that ended recently left it: the next call is a probe, due

@@ -42,7 +42,7 @@ from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance
 from imagebatch.resilience.gate import ProviderGate
 from imagebatch.resilience.health import CEILING_TTL_S, ProviderHealth
-from imagebatch.resilience.shared import NoSharedLimits, SharedLimits
+from imagebatch.resilience.shared import NoSharedLimits, ProviderNews, SharedLimits
 from imagebatch.wire import on_request_sent
 
 __all__ = ["AttemptInfo", "Lane", "Router"]
@@ -53,6 +53,8 @@ CIRCUIT_ERRORS = (ProviderOverloaded, ProviderServerError, ProviderTimeout, Prov
 Emit = Callable[[str, str, dict[str, Any]], None]
 #: blank images from one provider for this many prompts in a row: the provider is at fault
 BLANK_STREAK_FAULTY = 3
+#: simulated seconds: another worker's pause no longer than ours plus this is not news
+NEWS_SLACK_S = 1.0
 
 
 @dataclass
@@ -119,6 +121,43 @@ class Router:
     _streaks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     _active: str | None = None
     _refused: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    _hearing_news: bool = False  # applying another worker's news: not news to pass on
+
+    def __post_init__(self) -> None:
+        # what one worker learns about a provider, every worker sharing it acts on
+        for lane in self.lanes:
+            lane.circuit.on_change = self._telling_others(lane, lane.circuit.on_change)
+        self.shared.watch(self.hear)
+
+    def _telling_others(self, lane: Lane, on_change: Callable[[str], None]):
+        def changed(state: str) -> None:
+            on_change(state)
+            if self._hearing_news:
+                return
+            ago = self.clock() - lane.circuit.opened_at if state == "opened" else 0.0
+            self.shared.report(lane.name, ProviderNews(circuit=state, opened_ago=max(0.0, ago)))
+
+        return changed
+
+    def hear(self, provider: str, news: ProviderNews) -> None:
+        """Act on what another worker learned about ``provider``: its server's retry hint, its
+        circuit opening (this one opens too, probing on the same schedule) or closing after a
+        successful probe (this one closes and resumes at half pace, as after its own probe)."""
+        lane = next((x for x in self.lanes if x.name == provider), None)
+        if lane is None:
+            return
+        self._hearing_news = True
+        try:
+            slack = NEWS_SLACK_S / lane.gate.settings.time_scale
+            if news.paused_for > lane.gate.paused_for() + slack:
+                lane.gate.pause(news.paused_for)
+            if news.circuit == "opened" and lane.circuit.state == "closed":
+                lane.circuit.open_on_news(news.opened_ago)
+            elif news.circuit == "closed" and lane.circuit.state != "closed":
+                lane.circuit.close_on_news()
+                lane.gate.slow_start()
+        finally:
+            self._hearing_news = False
 
     # ------------------------------------------------------------------ choosing
 
@@ -364,6 +403,11 @@ class Router:
                 await self.sleep(wait)
                 continue
             lane, ticket = choice.lane, choice.ticket
+            if ticket.probe and not await self.shared.claim_probe(
+                lane.name, lane.circuit.probe_interval_s
+            ):
+                lane.circuit.defer_probe(ticket)  # another worker probes it this interval
+                continue
             price = lane.price(prompt)
             if not self.spend.try_reserve(price):
                 lane.circuit.cancel(ticket)
@@ -419,6 +463,11 @@ class Router:
         try:
             # other processes on the same account: their shared in-flight cap and pace
             async with self.shared.slot(lane.name):
+                if lane.gate.paused_for() > 0 and not ticket.probe:
+                    # a hint (another worker's, or one of ours) came while this call waited
+                    # for a shared slot: it does not go out into the pause (the price is
+                    # given back below)
+                    raise _Rerouted()
                 waited = admission.waited_s + (self.clock() - started)
                 started = self.clock()
                 # the provider's HTTP client says when the request really leaves
@@ -461,6 +510,15 @@ class Router:
                     lane.gate.on_overload()
                 if exc.retry_after is not None:
                     lane.gate.pause(exc.retry_after)
+            # the hint, and what the 429 says of the quota, are for the account, not this process
+            window = 60.0 / lane.gate.settings.time_scale
+            news = ProviderNews(
+                paused_for=lane.gate.paused_for() if exc.retry_after is not None else 0.0,
+                rate_limited=isinstance(exc, RateLimited)
+                and (exc.retry_after is None or exc.retry_after <= window),
+            )
+            if news.paused_for > 0 or news.rate_limited:
+                self.shared.report(lane.name, news)
             return
         lane.circuit.record_failure(ticket, counts=False)  # it answered: it is up
         if isinstance(exc, ContentRefused):

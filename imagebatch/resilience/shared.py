@@ -1,17 +1,21 @@
-"""Limits shared by every worker process that runs batches against one provider account.
+"""Limits and provider state shared by every worker process that runs batches against one
+provider account.
 
 Each process paces itself precisely with its own :class:`~imagebatch.resilience.ProviderGate`;
 on top of that, a :class:`SharedLimits` bounds what all processes do together: at most
-``max_in_flight`` calls at once, and never more starts in any minute than the quota allows. The
-core only describes the limits (:func:`shared_limit_specs`) and calls the seam; the Prefect side
-(global concurrency limits) lives outside the core.
+``max_in_flight`` calls at once, and never more starts in any minute than the quota allows. It
+also carries what one worker learns that every worker should act on (:class:`ProviderNews`: a
+server's retry hint, a circuit that opened or closed) and lets one worker at a time probe a
+provider whose circuit is open. The core only describes the limits (:func:`shared_limit_specs`)
+and calls the seam; the Prefect side (global concurrency limits and variables) lives outside
+the core.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -23,15 +27,40 @@ __all__ = [
     "SHARED_PACE_SLACK_S",
     "LimitSpec",
     "NoSharedLimits",
+    "ProviderNews",
     "SharedLimits",
     "limit_prefix",
     "shared_limit_specs",
 ]
 
 
+@dataclass(frozen=True)
+class ProviderNews:
+    """What one worker learned about a provider that every worker should act on.
+
+    Times are relative, in the clock seconds of the process that reads them (the shared side
+    converts), so workers' clocks need not agree on an origin.
+    """
+
+    paused_for: float = 0.0  # a server's retry hint: no request starts for this long
+    circuit: str | None = None  # "opened" or "closed"
+    opened_ago: float = 0.0  # for "opened": how long ago it opened
+    rate_limited: bool = False  # a 429 with no hint longer than a window: the quota may be lower
+
+
 class SharedLimits(Protocol):
     def slot(self, provider: str) -> AbstractAsyncContextManager[None]:
         """Held around one call to ``provider``: the shared in-flight cap, then the shared pace."""
+
+    def report(self, provider: str, news: ProviderNews) -> None:
+        """Tell the other workers (without waiting for them to hear)."""
+
+    def watch(self, apply: Callable[[str, ProviderNews], None]) -> None:
+        """Call ``apply(provider, news)`` on this event loop with what other workers report."""
+
+    async def claim_probe(self, provider: str, interval_s: float) -> bool:
+        """Whether this worker may probe ``provider`` now: one probe per ``interval_s`` among
+        all workers (a refused worker waits for the prober's news, or its next turn)."""
 
     async def aclose(self) -> None:
         """Release connections at the end of the run."""
@@ -43,6 +72,15 @@ class NoSharedLimits:
     @contextlib.asynccontextmanager
     async def slot(self, provider: str) -> AsyncIterator[None]:
         yield
+
+    def report(self, provider: str, news: ProviderNews) -> None:
+        pass
+
+    def watch(self, apply: Callable[[str, ProviderNews], None]) -> None:
+        pass
+
+    async def claim_probe(self, provider: str, interval_s: float) -> bool:
+        return True
 
     async def aclose(self) -> None:
         pass
