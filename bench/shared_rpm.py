@@ -55,10 +55,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scale", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=None, help="write the raw data here")
+    parser.add_argument(
+        "--figures-of", type=Path, default=None, help="print the figures of a raw data file"
+    )
     args = parser.parse_args()
+    if args.figures_of:  # figures computed again from a saved log (e.g. by a newer figures())
+        saved = json.loads(args.figures_of.read_text())
+        row = saved["figures"]
+        print(json.dumps(figures(saved["log"], row["rpm"], row["workers"]), indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
+        (home / "prefect").mkdir()
         server, api = start_prefect_server(home / "prefect")
         try:
             profile = EmulatorProfile(
@@ -171,6 +180,10 @@ def figures(entries: list[dict], rpm: float, workers: int) -> dict:
         "most starts in any 60 s": max(sum(1 for t in starts if s <= t < s + 60) for s in starts),
         "span with every worker sending (sim min)": round(span / 60, 2),
         "quota used while every worker was sending": round(in_span / allowed, 3),
+        "starts per minute from the first": [
+            sum(1 for t in starts if m * 60 <= t - starts[0] < (m + 1) * 60)
+            for m in range(int((starts[-1] - starts[0]) // 60) + 1)
+        ],
         "share per worker": {
             w: round(sum(1 for e in entries if e["worker"] == w) / len(entries), 3)
             for w in sorted(last)
