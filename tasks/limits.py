@@ -53,7 +53,7 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from imagebatch.config import BatchConfig
-from imagebatch.errors import ConfigError
+from imagebatch.errors import ConfigError, RateLimited
 from imagebatch.resilience import LimitSpec, ProviderNews, shared_limit_specs
 
 log = logging.getLogger("imagebatch.limits")
@@ -141,26 +141,45 @@ class PrefectSharedLimits:
                 ),
                 self._poll_s,
             )
+            start = None
             try:
                 if provider in self._rate:
-                    await self._take_start(client, self._rate[provider])
+                    start = await self._take_start(client, self._rate[provider])
             except BaseException:
                 await client.release_concurrency_slots_with_lease(lease["lease_id"])
                 raise
         renewing = asyncio.ensure_future(self._renew(client, lease["lease_id"]))
         try:
             yield
+        except RateLimited:
+            # the provider refused it, so it did not count against the quota: its slot of the
+            # window is free again now (and the window's count, read to learn a lower quota,
+            # holds only what the provider let through)
+            if start is not None:
+                await self._return_start(client, *start)
+            raise
         finally:
             renewing.cancel()
             await client.release_concurrency_slots_with_lease(lease["lease_id"])
 
-    async def _take_start(self, client, spec: LimitSpec) -> None:
+    async def _return_start(self, client, lease_id, handle: asyncio.TimerHandle) -> None:
+        if handle not in self._due_back:
+            return
+        handle.cancel()
+        self._due_back.discard(handle)
+        await self._release_window_slot(client, lease_id)
+
+    async def _take_start(self, client, spec: LimitSpec) -> tuple[str, asyncio.TimerHandle]:
         """Take one of the window's ``quota`` slots for a start, and give it back one window
         (60 s and the slack) after the server granted it.
 
         Asked for only when a read shows a free slot: a refused ask is a write, and on a SQLite
         server writes wait for each other. A worker that dies keeps its slots until their lease
         ends and the server's sweep frees them (at most ``window_lease_s`` and 15 s).
+
+        Returns:
+            The slot's lease and the timer that gives it back (a start the provider refuses
+            gives it back at once).
         """
         from httpx import HTTPStatusError
 
@@ -188,6 +207,7 @@ class PrefectSharedLimits:
             spec.window_s or 61.0, lambda: self._give_back(client, body["lease_id"], handle)
         )
         self._due_back.add(handle)
+        return body["lease_id"], handle
 
     def _give_back(self, client, lease_id, handle: asyncio.TimerHandle) -> None:
         self._due_back.discard(handle)
@@ -315,9 +335,15 @@ class PrefectSharedLimits:
             async with self._writing_news.setdefault(provider, asyncio.Lock()):
                 client = await self._get_client()
                 current = await client.read_global_concurrency_limit_by_name(spec.name)
-                admitted = current.active_slots - 1
-                # as full as the workers fill it: a 429 is arrival jitter, not a lower quota
-                if admitted >= current.limit - 1:
+                # the refused start gave its slot back: what is held, the provider let through
+                # (a start refused at the same moment by another worker may still hold one:
+                # then the next refusal takes the ceiling down the rest of the way)
+                admitted = current.active_slots
+                if current.limit >= spec.limit:
+                    # as full as the configured quota allows: arrival jitter, not a lower quota
+                    if admitted >= spec.limit - 1:
+                        return
+                elif admitted >= current.limit:
                     return
                 ceiling = max(1, admitted)
                 await client.update_global_concurrency_limit(
