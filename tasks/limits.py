@@ -160,7 +160,14 @@ class PrefectSharedLimits:
             raise
         finally:
             renewing.cancel()
-            await client.release_concurrency_slots_with_lease(lease["lease_id"])
+            try:
+                await client.release_concurrency_slots_with_lease(lease["lease_id"])
+            except Exception as exc:  # its lease ends unrenewed: the slot is back within 75 s
+                if not _server_busy(exc):
+                    raise
+                log.warning(
+                    "could not give back a shared in-flight slot (its lease frees it): %s", exc
+                )
 
     async def _return_start(self, client, lease_id, handle: asyncio.TimerHandle) -> None:
         if handle not in self._due_back:
@@ -183,11 +190,18 @@ class PrefectSharedLimits:
         """
         from httpx import HTTPStatusError
 
+        busy = 0
         while True:
             try:
                 current = await client.read_global_concurrency_limit_by_name(spec.name)
             except ObjectNotFound:
                 raise _limit_gone(spec) from None
+            except Exception as exc:
+                if not _server_busy(exc):
+                    raise
+                busy += 1
+                await _wait_for_busy_server(exc, busy, self._poll_s)
+                continue
             if current.active_slots >= current.limit:
                 await asyncio.sleep(self._poll_s * random.uniform(0.5, 1.5))
                 continue
@@ -196,9 +210,13 @@ class PrefectSharedLimits:
                     [spec.name], slots=1, mode="concurrency", lease_duration=self._window_lease_s
                 )
             except HTTPStatusError as exc:
-                if exc.response.status_code != 423:
+                if exc.response.status_code == 423:
+                    continue  # another worker took the last one first
+                if not _server_busy(exc):
                     raise
-                continue  # another worker took the last one first
+                busy += 1  # not granted (a grant lost on the way back would end with its lease)
+                await _wait_for_busy_server(exc, busy, self._poll_s)
+                continue
             body = response.json()
             if not body.get("limits"):
                 raise _limit_gone(spec)
@@ -497,19 +515,46 @@ async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
     """
     from httpx import HTTPStatusError
 
+    busy = 0
     while True:
         try:
             response = await ask()
         except HTTPStatusError as exc:
-            if exc.response.status_code != 423:
+            if exc.response.status_code == 423:
+                await asyncio.sleep(pause)
+                continue
+            if not _server_busy(exc):
                 raise
-            await asyncio.sleep(pause)
+            busy += 1
+            await _wait_for_busy_server(exc, busy, pause)
+            continue
+        except Exception as exc:
+            if not _server_busy(exc):
+                raise
+            busy += 1
+            await _wait_for_busy_server(exc, busy, pause)
             continue
         body = response.json()
         limits = body.get("limits", []) if isinstance(body, dict) else body
         if not limits:  # strict: the limit was deleted since the batch started
             raise _limit_gone(spec)
         return body if isinstance(body, dict) else {}
+
+
+def _server_busy(exc: BaseException) -> bool:
+    """A 5xx from the Prefect server (SQLite's lock held too long) or a broken connection,
+    after the client's own retries: worth asking again, not worth ending the night for."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+async def _wait_for_busy_server(exc: BaseException, tries: int, pause: float) -> None:
+    if tries == 1 or tries % 10 == 0:
+        log.warning("the Prefect server is busy (%s); asking again for a shared slot", exc)
+    await asyncio.sleep(min(10.0, pause * 2**tries) * random.uniform(0.5, 1.0))
 
 
 class PrefectUsageStore:

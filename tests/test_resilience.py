@@ -996,6 +996,23 @@ def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_pause_heard_mea
     assert router.spend.spent == pytest.approx(0.05)  # the primary's price was given back
 
 
+def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_circuit_opened_meanwhile():
+    import contextlib
+
+    class Shared(NoSharedLimits):
+        @contextlib.asynccontextmanager
+        async def slot(self, provider):
+            if provider == "primary":  # another worker's circuit opens while this one waits
+                await sim.sleep(2.0)
+                router.hear("primary", ProviderNews(circuit="opened", opened_ago=1.0))
+            yield
+
+    router, sim, _ = _router(CHAIN, shared=Shared())
+    result, calls = _attempt(router, sim, Prompt(id="a", prompt="x"), lambda n, k: n)
+    assert (result, calls) == ("backup", ["backup"])
+    assert router.lanes[0].circuit.state == "open"
+
+
 def test_a_worker_that_starts_after_the_circuit_opened_probes_on_the_same_schedule():
     text = CHAIN.replace(
         "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"

@@ -276,7 +276,7 @@ def test_two_workers_held_by_the_shared_rpm_use_nine_tenths_of_it_and_never_cros
     together 38 against a quota of 20, so the shared per-minute limit is the one that binds.
     Both have more prompts than the quota allows before their deadline, so both send to the end.
     On ``prefect server start`` (SQLite), as a user runs it."""
-    rpm, scale, per_worker, deadline = 20, 2, 60, 240
+    rpm, scale, per_worker, deadline = 20, 2, 60, 210
     profile = EmulatorProfile(
         time_scale=scale,
         providers={"primary": ProviderProfile(rpm=rpm, latency_median_s=3.0)},
@@ -383,10 +383,10 @@ def test_a_retry_hint_one_worker_gets_holds_every_worker_off_the_provider(
 def test_an_open_circuit_holds_for_a_worker_that_starts_later_and_all_send_one_probe_per_interval(
     tmp_path, real_prefect_server
 ):
-    """The primary is down for its first 240 simulated seconds. Worker 0's circuit opens after
+    """The primary is down for its first 180 simulated seconds. Worker 0's circuit opens after
     its first failures; worker 1 starts after that and sends no failing calls of its own: the
     two together send one probe per 60 s interval, and both come back once a probe succeeds."""
-    scale, probe, outage = 4, 60.0, 240.0
+    scale, probe, outage = 4, 60.0, 180.0
     profile = EmulatorProfile(
         time_scale=scale,
         providers={
@@ -455,7 +455,7 @@ def test_two_workers_learn_a_lower_quota_for_one_429_each_more_than_one_worker(
     """The config says 10 RPM, the provider allows 7. One worker alone pays a few 429s to learn
     it; two workers sharing the account pay at most one more each, because the first 429
     lowers the shared window for both. ``limits sync`` afterwards puts the config's quota back."""
-    scale, prompts = 4, 30
+    scale, prompts = 4, 20
 
     def night(model: str, workers: int) -> tuple[list, dict]:
         profile = EmulatorProfile(

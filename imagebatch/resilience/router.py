@@ -463,10 +463,12 @@ class Router:
         try:
             # other processes on the same account: their shared in-flight cap and pace
             async with self.shared.slot(lane.name):
-                if lane.gate.paused_for() > 0 and not ticket.probe:
-                    # a hint (another worker's, or one of ours) came while this call waited
-                    # for a shared slot: it does not go out into the pause (the price is
-                    # given back below)
+                if not ticket.probe and (
+                    lane.gate.paused_for() > 0 or not lane.circuit.valid(ticket)
+                ):
+                    # a hint, or the circuit opening (another worker's news, or our own), came
+                    # while this call waited for a shared slot: it does not go out into them
+                    # (the price is given back below)
                     raise _Rerouted()
                 waited = admission.waited_s + (self.clock() - started)
                 started = self.clock()
