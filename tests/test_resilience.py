@@ -1071,3 +1071,32 @@ def test_a_batch_starts_from_the_health_the_last_run_recorded(tmp_path):
     fourth, _, _ = _router(CHAIN)
     assert fourth.start_from(saved, ended + timedelta(days=2)) == []
     assert fourth.lanes[0].gate.ceiling is None
+
+
+def test_a_probe_given_up_for_a_better_provider_leaves_the_next_probe_due():
+    """A probe that waited at its gate and gave its turn up because the first provider came
+    free must not leave the circuit half-open with no probe out: the next call probes."""
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    router, sim, _ = _router(text)
+    primary, backup = router.lanes
+    down = errors.ProviderOverloaded("503")
+    for i in range(3):  # the backup's circuit opens
+        prompt = Prompt(id=f"b{i}", prompt="x", provider="backup")
+        _attempt(router, sim, prompt, lambda n, k: down)
+    assert backup.circuit.state == "open"
+    sim.now += 300  # its probe is due
+    primary.gate.pause(70.0)  # longer than the patience: the primary is passed over, for now
+    backup.gate.pause(20.0)  # the probe waits at the backup's gate meanwhile
+
+    calls: list[str] = []
+
+    async def call(name: str) -> str:
+        calls.append(name)
+        return name
+
+    result = sim.run(router.attempt(Prompt(id="p", prompt="x"), call))
+    assert (result, calls) == ("primary", ["primary"])  # it gave the probe up for the primary
+    assert backup.circuit.state == "open" and backup.circuit.available_in() == 0
+    assert backup.circuit.allow() is not None  # the next call is the backup's probe

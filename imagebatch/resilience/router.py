@@ -458,6 +458,7 @@ class Router:
         )
         if admission is None:  # its circuit opened, or a better provider is free: choose again
             self.spend.settle(price, charged=False)
+            lane.circuit.cancel(ticket)  # a probe given up: the next caller is the probe
             raise _Rerouted()
         started = self.clock()
         try:
