@@ -224,15 +224,18 @@ def test_two_workers_together_stay_within_the_shared_rpm_rpd_and_in_flight(
     assert skipped == 2 * per_worker - rpd
 
 
-def _start_workers(tmp_path, prefect_server, config, scale, per_worker, before_second=None):
-    """``imagebatch limits sync``, then two ``imagebatch run`` workers of ``per_worker`` prompts
-    each (prompt texts "worker <w> prompt <i>"); ``before_second()`` is called between them."""
+def _start_workers(
+    tmp_path, prefect_server, config, scale, per_worker, before_second=None, count=2, tag=""
+):
+    """``imagebatch limits sync``, then ``count`` ``imagebatch run`` workers of ``per_worker``
+    prompts each (prompt texts "worker <w> prompt <i>"); ``before_second()`` is called between
+    the first two. ``tag`` keeps the files of several groups of workers in one directory apart."""
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
         "EMULATOR_KEY": "emulator-key",
         "IMAGEBATCH_TIME_SCALE": str(scale),
-        "IMAGEBATCH_STATE_DIR": str(tmp_path / "state"),  # not shared: the server counts
+        "IMAGEBATCH_STATE_DIR": str(tmp_path / f"{tag}state"),  # not shared: the server counts
     }
     cli = [sys.executable, "-m", "imagebatch.cli"]
     sync = subprocess.run(
@@ -245,10 +248,10 @@ def _start_workers(tmp_path, prefect_server, config, scale, per_worker, before_s
     assert sync.returncode == 0, sync.stderr
     assert "-rpm  (window: limit" in sync.stdout
     workers = []
-    for w in range(2):
+    for w in range(count):
         if w == 1 and before_second is not None:
             before_second()
-        prompts = tmp_path / f"w{w}.jsonl"
+        prompts = tmp_path / f"{tag}w{w}.jsonl"
         prompts.write_text(
             "".join(
                 json.dumps({"id": f"w{w}-{i:02d}", "prompt": f"worker {w} prompt {i}"}) + "\n"
@@ -258,7 +261,7 @@ def _start_workers(tmp_path, prefect_server, config, scale, per_worker, before_s
         args = ["run", str(prompts), "--config", str(config), "--output", str(tmp_path / "o")]
         workers.append(
             subprocess.Popen(
-                [*cli, *args, "--batch-id", f"worker-{w}", "--quiet"],
+                [*cli, *args, "--batch-id", f"{tag}worker-{w}", "--quiet"],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -465,37 +468,15 @@ def test_two_workers_learn_a_lower_quota_for_one_429_each_more_than_one_worker(
         with EmulatorServer(profile) as server:
             config = tmp_path / f"{model}.yaml"
             config.write_text(CEILING_CONFIG.format(url=server.url, model=model))
-            if workers == 1:
-                env = {
-                    **os.environ,
-                    "PREFECT_API_URL": real_prefect_server,
-                    "EMULATOR_KEY": "emulator-key",
-                    "IMAGEBATCH_TIME_SCALE": str(scale),
-                    "IMAGEBATCH_STATE_DIR": str(tmp_path / "state-one"),
-                }
-                cli = [sys.executable, "-m", "imagebatch.cli"]
-                subprocess.run(
-                    [*cli, "limits", "sync", "--config", str(config)], env=env, check=True
-                )
-                source = tmp_path / "one.jsonl"
-                source.write_text(
-                    "".join(
-                        json.dumps({"id": f"p{i}", "prompt": f"worker 0 prompt {i}"}) + "\n"
-                        for i in range(prompts)
-                    )
-                )
-                run = [*cli, "run", str(source), "--config", str(config), "--quiet"]
-                procs = [
-                    subprocess.Popen(
-                        [*run, "--output", str(tmp_path / "o1"), "--batch-id", "one"],
-                        env=env,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                    )
-                ]
-            else:
-                procs = _start_workers(tmp_path, real_prefect_server, config, scale, prompts // 2)
+            procs = _start_workers(
+                tmp_path,
+                real_prefect_server,
+                config,
+                scale,
+                prompts // workers,
+                count=workers,
+                tag=f"{model}-",
+            )
             outputs = [p.communicate(timeout=600) for p in procs]
             log = httpx.get(f"{server.url}/_emulator/log").json()
         for proc, (_out, err) in zip(procs, outputs, strict=True):
