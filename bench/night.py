@@ -313,7 +313,7 @@ def run_one(
         "PREFECT_LOGGING_LEVEL": "WARNING",
         # a busy server's 503s are retried with backoff; Prefect's client waits 2**n s before
         # its n-th retry, uncapped: at 10 retries a request the SQLite server kept refusing
-        # waited 2 + 4 + ... + 1024 s (34 min: the nights that hung before their first call).
+        # waited 2 + 4 + ... + 1024 s (34 min: most likely the nights that hung at the start).
         # 7 caps one request's waits at about 4 min; past that the run fails and is redone
         "PREFECT_CLIENT_MAX_RETRIES": "7",
     }

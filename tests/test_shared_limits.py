@@ -386,10 +386,10 @@ def test_a_retry_hint_one_worker_gets_holds_every_worker_off_the_provider(
 def test_an_open_circuit_holds_for_a_worker_that_starts_later_and_all_send_one_probe_per_interval(
     tmp_path, real_prefect_server
 ):
-    """The primary is down for its first 180 simulated seconds. Worker 0's circuit opens after
+    """The primary is down for its first 240 simulated seconds. Worker 0's circuit opens after
     its first failures; worker 1 starts after that and sends no failing calls of its own: the
     two together send one probe per 60 s interval, and both come back once a probe succeeds."""
-    scale, probe, outage = 4, 60.0, 180.0
+    scale, probe, outage = 4, 60.0, 240.0
     profile = EmulatorProfile(
         time_scale=scale,
         providers={
