@@ -114,6 +114,9 @@ class PrefectSharedLimits:
         self._background: set[asyncio.Task] = set()
         self._watching: asyncio.Task | None = None
         self._probe_limits: set[str] = set()
+        # this worker's probe claims: lease id, interval, and the timer that gives it back
+        self._probes: dict[str, tuple[str, float]] = {}
+        self._probe_timers: dict[str, asyncio.TimerHandle] = {}
         self._raising: set[str] = set()
         # a learned shared ceiling is tried one higher after this long without a 429
         self._probe_up_s = SHARED_CEILING_PROBE_UP_S / time_scale
@@ -238,7 +241,7 @@ class PrefectSharedLimits:
             await client.release_concurrency_slots_with_lease(lease_id)
         except Exception as exc:  # its lease ends anyway: the slot comes back a little later
             logging.getLogger("imagebatch.limits").warning(
-                "could not give back a shared per-minute slot (its lease frees it): %s", exc
+                "could not give back a shared slot (its lease frees it): %s", exc
             )
 
     async def _renew(self, client, lease_id) -> None:
@@ -311,7 +314,9 @@ class PrefectSharedLimits:
         paused_for = max(0.0, float(value.get("paused_until", 0.0)) - now)
         circuit, opened_ago = None, 0.0
         circuit_at = value.get("circuit_at")
-        if circuit_at is not None and circuit_at != self._seen_circuit_at.get(provider):
+        # only a change later than any this worker saw or made: a read racing our own write
+        # still shows the change before it, which is not news
+        if circuit_at is not None and circuit_at > self._seen_circuit_at.get(provider, -1.0):
             self._seen_circuit_at[provider] = circuit_at
             circuit = value.get("circuit")
             opened_ago = max(0.0, now - float(circuit_at))
@@ -332,7 +337,8 @@ class PrefectSharedLimits:
         if news.circuit is not None:
             mine["circuit"] = news.circuit
             mine["circuit_at"] = now - news.opened_ago if news.circuit == "opened" else now
-            self._seen_circuit_at[provider] = mine["circuit_at"]  # not news to ourselves
+            seen = self._seen_circuit_at.get(provider, -1.0)
+            self._seen_circuit_at[provider] = max(seen, mine["circuit_at"])  # not news to us
         if mine:
             self._background_task(self._write_news(provider, mine))
         if news.rate_limited and provider in self._rate:
@@ -417,14 +423,21 @@ class PrefectSharedLimits:
             log.warning("could not tell other workers about %s: %s", provider, exc)
 
     async def claim_probe(self, provider: str, interval_s: float) -> bool:
-        """Take the provider's probe slot for ``interval_s`` (its lease frees it if this process
-        dies first), or say another worker holds it."""
+        """Take the provider's probe slot (held until one interval after the probe left, see
+        :meth:`probe_ended`; its lease frees it if this process dies first), or say another
+        worker holds it. A slot this worker still holds from its last probe is taken anew."""
         from httpx import HTTPStatusError
 
         name = self._probe_names.get(provider)
         if name is None:
             return True
         client = await self._get_client()
+        if provider in self._probes:  # our own last probe's interval: ours to end
+            timer = self._probe_timers.pop(provider, None)
+            if timer is not None:
+                timer.cancel()
+            lease_id, _ = self._probes.pop(provider)
+            await self._release_window_slot(client, lease_id)
         try:
             if name not in self._probe_limits:
                 try:
@@ -447,12 +460,38 @@ class PrefectSharedLimits:
             log.warning("could not ask for %s's probe slot, probing anyway: %s", provider, exc)
             return True
         lease_id = response.json().get("lease_id")
-        if lease_id is not None:  # held for the interval, then given back
-            handle = asyncio.get_running_loop().call_later(
-                interval_s, lambda: self._give_back(client, lease_id, handle)
-            )
-            self._due_back.add(handle)
+        if lease_id is not None:
+            self._probes[provider] = (lease_id, interval_s)
         return True
+
+    def probe_ended(self, provider: str, sent_ago: float | None) -> None:
+        """Hold the probe slot until one interval after the probe left (then give it back), or
+        give it back now if the probe never left."""
+        if provider not in self._probes or self._client is None:
+            return
+        lease_id, interval_s = self._probes[provider]
+        client = self._client
+        keep = 0.0 if sent_ago is None else interval_s - sent_ago
+        if keep <= 0:
+            del self._probes[provider]
+            self._background_task(self._release_window_slot(client, lease_id))
+            return
+
+        def give_back() -> None:
+            if self._probes.get(provider, (None,))[0] == lease_id:
+                del self._probes[provider]
+                self._probe_timers.pop(provider, None)
+                self._background_task(self._release_window_slot(client, lease_id))
+
+        self._probe_timers[provider] = asyncio.get_running_loop().call_later(keep, give_back)
+        # the lease outlives the hold (the probe waited at the gate and ran since it was taken)
+        self._background_task(self._renew_probe(client, lease_id, keep))
+
+    async def _renew_probe(self, client, lease_id, keep: float) -> None:
+        try:
+            await client.renew_concurrency_lease(lease_id, lease_duration=max(60.0, keep + 15.0))
+        except Exception as exc:  # its first lease may still cover the interval
+            log.warning("could not renew the probe slot's lease: %s", exc)
 
     async def aclose(self) -> None:
         """Close the client. Per-minute slots not yet due back are left to their leases (they
@@ -465,9 +504,10 @@ class PrefectSharedLimits:
             self._watching = None
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        for handle in self._due_back:
-            handle.cancel()
+        for handle in [*self._due_back, *self._probe_timers.values()]:
+            handle.cancel()  # a probe slot's interval, too, is left to its lease
         self._due_back.clear()
+        self._probe_timers.clear()
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         if self._client is not None:

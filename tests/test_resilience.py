@@ -881,7 +881,8 @@ class Board:
     def __init__(self, sim: SimClock) -> None:
         self.sim = sim
         self.listeners: list[Callable[[str, ProviderNews], None]] = []
-        self.probe_free_at: dict[str, float] = {}
+        # the probe slot: who holds it, until when (infinite while the probe is out)
+        self.probe_held: dict[str, tuple[object, float, float]] = {}
         self.reports: list[tuple[str, ProviderNews]] = []
         self.probes_refused = 0
 
@@ -900,11 +901,18 @@ class Board:
                 board.listeners.append(apply)
 
             async def claim_probe(self, provider, interval_s):
-                if board.sim.now < board.probe_free_at.get(provider, float("-inf")):
+                holder, until, _ = board.probe_held.get(provider, (None, float("-inf"), 0.0))
+                if holder is not self and board.sim.now < until:
                     board.probes_refused += 1
                     return False
-                board.probe_free_at[provider] = board.sim.now + interval_s
+                board.probe_held[provider] = (self, float("inf"), interval_s)
                 return True
+
+            def probe_ended(self, provider, sent_ago):
+                holder, _, interval_s = board.probe_held[provider]
+                assert holder is self
+                until = board.sim.now if sent_ago is None else board.sim.now - sent_ago + interval_s
+                board.probe_held[provider] = (self, until, interval_s)
 
         return Shared()
 
@@ -977,6 +985,64 @@ def test_an_open_circuit_holds_for_every_worker_and_they_send_one_probe_per_inte
     assert [lane.circuit.state for lane in (a.lanes[0], b.lanes[0])] == ["closed", "closed"]
     assert [n.circuit for p, n in board.reports if n.circuit] == ["opened", "closed"]
     assert _attempt(b, sim, Prompt(id="b1", prompt="x"), lambda n, k: n) == ("primary", ["primary"])
+
+
+def test_the_prober_keeps_its_turn_and_others_wait_one_interval_from_when_its_probe_left():
+    """Worker A's probes fail while the primary stays down. Each holds the probe slot until one
+    interval after it left (not after it was claimed: it may wait at the gate first), so B is
+    refused throughout, and A's own next probe is not refused by A's own hold."""
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    (a, b), sim, board = _two_workers(text)
+    down = errors.ProviderOverloaded("503")
+    ended: list[tuple[str, float | None]] = []
+    a_shared = a.shared
+    original = a_shared.probe_ended
+    a_shared.probe_ended = lambda p, ago: (ended.append((p, ago)), original(p, ago))[1]
+    for i in range(3):
+        _attempt(a, sim, Prompt(id=f"f{i}", prompt="x"), lambda n, k: down)
+    primary_calls: list[tuple[str, float]] = []
+
+    async def slow_down(who: str, name: str):
+        if name == "primary":
+            primary_calls.append((who, sim.now))
+            await sim.sleep(40.0)  # a slow failure: the interval counts from when it left
+            raise errors.ProviderOverloaded("503")
+        return name
+
+    start = sim.now
+    for step in range(4):  # B half an interval after each of A's probes were due
+        sim.now = start + 300 * (step + 1)
+        with pytest.raises(errors.ProviderOverloaded):  # A's probe: still down
+            sim.run(a.attempt(Prompt(id=f"a{step}", prompt="x"), lambda n: slow_down("a", n)))
+        sim.now = start + 300 * (step + 1) + 150
+        b_prompt = Prompt(id=f"b{step}", prompt="x")
+        assert sim.run(b.attempt(b_prompt, lambda n: slow_down("b", n))) == "backup"
+    assert [who for who, _ in primary_calls] == ["a"] * 4
+    assert ended == [("primary", pytest.approx(40.0))] * 4
+    assert board.probes_refused == 4  # each of B's turns; none of A's own
+
+
+def test_a_probe_given_up_before_it_left_frees_the_probe_slot_at_once():
+    """A's probe of the backup waits at its gate and gives its turn up for the primary: its
+    claim goes back at once, so B's probe is not refused for an interval nobody probes in."""
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    (a, b), sim, board = _two_workers(text)
+    down = errors.ProviderOverloaded("503")
+    for i in range(3):  # the backup's circuit opens (B's too, on A's news)
+        _attempt(a, sim, Prompt(id=f"f{i}", prompt="x", provider="backup"), lambda n, k: down)
+    assert b.lanes[1].circuit.state == "open"
+    sim.now += 300  # the backup's probe is due
+    a.lanes[0].gate.pause(70.0)  # A passes its primary over for now...
+    a.lanes[1].gate.pause(20.0)  # ...and its probe waits at the backup's gate meanwhile
+    result, calls = _attempt(a, sim, Prompt(id="a", prompt="x"), lambda n, k: n)
+    assert (result, calls) == ("primary", ["primary"])  # it gave the probe up for the primary
+    prompt = Prompt(id="b", prompt="x", provider="backup")
+    assert _attempt(b, sim, prompt, lambda n, k: n) == ("backup", ["backup"])
+    assert board.probes_refused == 0
 
 
 def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_pause_heard_meanwhile():
@@ -1071,6 +1137,27 @@ def test_a_batch_starts_from_the_health_the_last_run_recorded(tmp_path):
     fourth, _, _ = _router(CHAIN)
     assert fourth.start_from(saved, ended + timedelta(days=2)) == []
     assert fourth.lanes[0].gate.ceiling is None
+
+
+def test_after_a_failed_probe_the_next_is_due_one_interval_after_it_left_not_after_its_turn():
+    text = CHAIN.split("  - {name: backup")[0] + (
+        "renditions: [{name: o, format: png}]\n"
+        "routing: {failover_after: 3, probe_interval_s: 300}\n"
+    )
+    router, sim, _ = _router(text)
+    circuit = router.lanes[0].circuit
+    down = errors.ProviderOverloaded("503")
+    for i in range(3):
+        _attempt(router, sim, Prompt(id=f"f{i}", prompt="x"), lambda n, k: down)
+    sim.now += 300  # the probe's turn...
+    router.lanes[0].gate.pause(20.0)  # ...but it waits 20 s at the gate before it leaves
+    sent: list[float] = []
+    result, _ = _attempt(
+        router, sim, Prompt(id="p", prompt="x"), lambda n, k: (sent.append(sim.now), down)[1]
+    )
+    assert isinstance(result, errors.ProviderOverloaded)
+    assert circuit.state == "open"
+    assert circuit.available_in() == pytest.approx(300.0 - (sim.now - sent[0]))
 
 
 def test_a_probe_given_up_for_a_better_provider_leaves_the_next_probe_due():

@@ -129,6 +129,29 @@ def test_news_merges_keep_the_later_pause_and_the_later_circuit_and_ceiling_chan
     )
 
 
+def test_a_read_racing_a_write_does_not_bring_back_the_change_before_it():
+    """The news variable read just after this worker's probe closed the circuit may still show
+    the opening before it (the write is on its way): that is no news, or this worker would open
+    its own circuit again. Only a change later than any seen or made counts."""
+    from types import SimpleNamespace
+
+    from imagebatch.resilience import LimitSpec
+    from tasks.limits import PrefectSharedLimits
+
+    limits = PrefectSharedLimits([LimitSpec("imagebatch-p-local-m-in-flight", "p", "in-flight", 1)])
+
+    def read(circuit: str, at: float):
+        return limits._news_from("p", SimpleNamespace(value={"circuit": circuit, "circuit_at": at}))
+
+    now = time.time()
+    opened = read("opened", now - 50)
+    assert (opened.circuit, round(opened.opened_ago)) == ("opened", 50)
+    assert read("opened", now - 50) is None  # the same change twice is news once
+    assert read("closed", now - 5).circuit == "closed"
+    assert read("opened", now - 50) is None  # a stale read of the earlier change
+    assert read("opened", now - 1).circuit == "opened"  # a later opening is news again
+
+
 def _run_flow(config_path, prompts_path, out, batch_id):
     from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
@@ -333,6 +356,17 @@ routing: {{failover_after: 3, probe_interval_s: {probe}}}
 """
 
 
+def _news(prefect_api: str, config, provider: str) -> dict:
+    """The provider's news variable as the workers wrote it ({} before the first write)."""
+    from tasks.limits import news_name
+
+    specs = shared_limit_specs(parse_config(config.read_text(), source=str(config)))
+    prefix = next(s.name for s in specs if s.provider == provider and s.kind == "in-flight")
+    name = news_name(prefix.removesuffix("-in-flight"))
+    response = httpx.get(f"{prefect_api}/variables/name/{name}")
+    return response.json()["value"] if response.status_code == 200 else {}
+
+
 def _primary_calls(log: dict) -> list[tuple[float, str, int | None]]:
     """(simulated start, worker, status) of every call to the primary, in start order."""
     return sorted(
@@ -414,11 +448,13 @@ def test_an_open_circuit_holds_for_a_worker_that_starts_later_and_all_send_one_p
                     break
                 assert time.monotonic() < deadline, "worker 0 never reached the primary"
                 time.sleep(0.2)
-            time.sleep(3.0)  # its circuit opened and its news is written
+            while _news(real_prefect_server, config, "primary").get("circuit") != "opened":
+                assert time.monotonic() < deadline, "worker 0 never told of its open circuit"
+                time.sleep(0.2)
             second_started.append(server.emulator.sim_now())
 
         workers = _start_workers(
-            tmp_path, real_prefect_server, config, scale, 40, before_second=after_the_circuit_opened
+            tmp_path, real_prefect_server, config, scale, 60, before_second=after_the_circuit_opened
         )
         outputs = [w.communicate(timeout=900) for w in workers]
         log = httpx.get(f"{server.url}/_emulator/log").json()
@@ -431,10 +467,20 @@ def test_an_open_circuit_holds_for_a_worker_that_starts_later_and_all_send_one_p
     probes = [c[0] for c in later]
     assert len(probes) >= 2, f"no probes while the primary was down: {calls}"
     gaps = [b - a for a, b in itertools.pairwise(probes)]
-    assert all(gap >= probe - 4.0 for gap in gaps), f"probe starts {probes}"
-    # back: a probe succeeded and both workers send to the primary again
+    workers_said = "\n".join(err[-4000:] for _out, err in outputs)
+    assert all(gap >= probe - 4.0 for gap in gaps), (
+        f"probe starts (time, worker, status) {later}, worker 1 started {second_started[0]:.1f}"
+        f"\n{workers_said}"
+    )
+    # back: a probe succeeded, and every worker still at work a news poll later (both, with
+    # 60 prompts each) sends to the primary again
     back = {c[1] for c in calls if c[0] >= outage and c[2] == 200}
-    assert back == {"0", "1"}, calls
+    first_back = min(c[0] for c in calls if c[0] >= outage and c[2] == 200)
+    working = {e["prompt"].split()[1] for e in log["requests"] if e["t_sim_s"] > first_back + 8}
+    assert working == {"0", "1"}, (
+        f"a worker ran out of prompts before the primary came back: {calls}"
+    )
+    assert back == working, calls
 
 
 CEILING_CONFIG = """

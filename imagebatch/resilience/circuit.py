@@ -64,6 +64,12 @@ class CircuitBreaker:
         self.state = "half-open"
         return Ticket(probe=True, generation=self.generation)
 
+    def probe_sent(self, ticket: Ticket, at: float) -> None:
+        """The probe left at ``at`` (it may have waited for its turn since its ticket): the next
+        probe, if this one fails, is due one interval after that."""
+        if ticket.probe and self._probe_out:
+            self._probe_sent_at = at
+
     def valid(self, ticket: Ticket) -> bool:
         """Whether a ticket still holds: a probe, or issued since the circuit last closed.
 

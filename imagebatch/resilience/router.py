@@ -410,7 +410,7 @@ class Router:
                 continue
             price = lane.price(prompt)
             if not self.spend.try_reserve(price):
-                lane.circuit.cancel(ticket)
+                self._give_up_probe(lane, ticket)
                 raise BudgetReached(
                     f"sending this prompt (${price:.3f} on {lane.name}) would exceed the budget "
                     f"of ${self.spend.cap:.2f} (spent ${self.spend.spent:.2f})"
@@ -419,7 +419,7 @@ class Router:
             consume = lane.daily.try_consume
             if not (await asyncio.to_thread(consume) if lane.daily.remote else consume()):
                 self.spend.settle(price, charged=False)
-                lane.circuit.cancel(ticket)
+                self._give_up_probe(lane, ticket)
                 self.emit("imagebatch.quota.exhausted", lane.name, {"reason": "daily allowance"})
                 continue
             if choice.retry:
@@ -443,6 +443,12 @@ class Router:
                     continue
                 raise
 
+    def _give_up_probe(self, lane: Lane, ticket: Ticket) -> None:
+        """The ticket is not used; a probe's turn (and its shared claim) goes to the next caller."""
+        lane.circuit.cancel(ticket)
+        if ticket.probe:
+            self.shared.probe_ended(lane.name, None)
+
     async def _call(
         self,
         prompt: Any,
@@ -458,9 +464,16 @@ class Router:
         )
         if admission is None:  # its circuit opened, or a better provider is free: choose again
             self.spend.settle(price, charged=False)
-            lane.circuit.cancel(ticket)  # a probe given up: the next caller is the probe
+            self._give_up_probe(lane, ticket)  # the next caller is the probe
             raise _Rerouted()
         started = self.clock()
+        sent_at: list[float] = []  # when the call went out (the HTTP hook says it more exactly)
+
+        def leaving() -> None:
+            lane.gate.mark_sent(admission)
+            sent_at[:] = [self.clock()]
+            lane.circuit.probe_sent(ticket, sent_at[0])
+
         try:
             # other processes on the same account: their shared in-flight cap and pace
             async with self.shared.slot(lane.name):
@@ -474,7 +487,9 @@ class Router:
                 waited = admission.waited_s + (self.clock() - started)
                 started = self.clock()
                 # the provider's HTTP client says when the request really leaves
-                with on_request_sent(lambda: lane.gate.mark_sent(admission)):
+                sent_at.append(started)
+                lane.circuit.probe_sent(ticket, started)
+                with on_request_sent(leaving):
                     result = await call(lane.name)
         except ProviderError as exc:
             self.spend.settle(price, charged=False)
@@ -486,6 +501,8 @@ class Router:
             raise
         finally:
             lane.gate.release()
+            if ticket.probe:  # other workers' next probe: one interval after this one left
+                self.shared.probe_ended(lane.name, self.clock() - sent_at[0] if sent_at else None)
             for other in self.lanes:  # a prompt queued for a peer's place may take this one
                 if other is not lane and other.group == lane.group:
                     other.gate.poke()

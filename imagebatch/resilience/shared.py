@@ -60,7 +60,12 @@ class SharedLimits(Protocol):
 
     async def claim_probe(self, provider: str, interval_s: float) -> bool:
         """Whether this worker may probe ``provider`` now: one probe per ``interval_s`` among
-        all workers (a refused worker waits for the prober's news, or its next turn)."""
+        all workers (a refused worker waits for the prober's news, or its next turn). A granted
+        claim is held until :meth:`probe_ended` says when the probe left."""
+
+    def probe_ended(self, provider: str, sent_ago: float | None) -> None:
+        """The claimed probe is over: it left ``sent_ago`` seconds ago (the claim holds until
+        one interval after that), or it never left (None: the next caller may probe)."""
 
     async def aclose(self) -> None:
         """Release connections at the end of the run."""
@@ -81,6 +86,9 @@ class NoSharedLimits:
 
     async def claim_probe(self, provider: str, interval_s: float) -> bool:
         return True
+
+    def probe_ended(self, provider: str, sent_ago: float | None) -> None:
+        pass
 
     async def aclose(self) -> None:
         pass
