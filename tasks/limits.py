@@ -54,7 +54,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from imagebatch.config import BatchConfig
 from imagebatch.errors import ConfigError, RateLimited
-from imagebatch.resilience import LimitSpec, ProviderNews, shared_limit_specs
+from imagebatch.resilience import LimitSpec, ProviderNews, SlotGivenUp, shared_limit_specs
 
 log = logging.getLogger("imagebatch.limits")
 
@@ -102,6 +102,8 @@ class PrefectSharedLimits:
         # 15 s sweep); a living one renews every third of it. 60 s is the server's floor.
         self._lease_s = lease_s
         self._poll_s = poll_s
+        # a call waiting for slots asks whether it belongs elsewhere now this often
+        self._abandon_check_s = 5.0 / time_scale
         self._client = None
         # provider news: one variable and one probe limit per provider, named like its limits
         prefixes = {s.provider: s.name.removesuffix("-in-flight") for s in self._in_flight.values()}
@@ -130,27 +132,35 @@ class PrefectSharedLimits:
         return self._client
 
     @contextlib.asynccontextmanager
-    async def slot(self, provider: str) -> AsyncIterator[None]:
+    async def slot(
+        self, provider: str, abandon: Callable[[], bool] | None = None
+    ) -> AsyncIterator[None]:
         spec = self._in_flight.get(provider)
         if spec is None:
             yield
             return
         client = await self._get_client()
-        async with self._queues.setdefault(provider, asyncio.Lock()):
+        give_up = _GiveUp(abandon, self._abandon_check_s)
+        queue = self._queues.setdefault(provider, asyncio.Lock())
+        await _lock_unless(queue, give_up)
+        try:
             lease = await _poll(
                 spec,
                 lambda: client.increment_concurrency_slots_with_lease(
                     [spec.name], slots=1, mode="concurrency", lease_duration=self._lease_s
                 ),
                 self._poll_s,
+                give_up,
             )
             start = None
             try:
                 if provider in self._rate:
-                    start = await self._take_start(client, self._rate[provider])
+                    start = await self._take_start(client, self._rate[provider], give_up)
             except BaseException:
                 await client.release_concurrency_slots_with_lease(lease["lease_id"])
                 raise
+        finally:
+            queue.release()
         renewing = asyncio.ensure_future(self._renew(client, lease["lease_id"]))
         try:
             yield
@@ -179,7 +189,9 @@ class PrefectSharedLimits:
         self._due_back.discard(handle)
         await self._release_window_slot(client, lease_id)
 
-    async def _take_start(self, client, spec: LimitSpec) -> tuple[str, asyncio.TimerHandle]:
+    async def _take_start(
+        self, client, spec: LimitSpec, give_up: _GiveUp
+    ) -> tuple[str, asyncio.TimerHandle]:
         """Take one of the window's ``quota`` slots for a start, and give it back one window
         (60 s and the slack) after the server granted it.
 
@@ -206,6 +218,7 @@ class PrefectSharedLimits:
                 await _wait_for_busy_server(exc, busy, self._poll_s)
                 continue
             if current.active_slots >= current.limit:
+                give_up.check()
                 await asyncio.sleep(self._poll_s * random.uniform(0.5, 1.5))
                 continue
             try:
@@ -544,7 +557,41 @@ def _limit_gone(spec: LimitSpec) -> ConfigError:
     )
 
 
-async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
+class _GiveUp:
+    """Asks a waiting call's ``abandon()`` at most every ``every`` seconds."""
+
+    def __init__(self, abandon: Callable[[], bool] | None, every: float) -> None:
+        self.abandon, self.every = abandon, every
+        self._asked_at = time.monotonic()
+
+    def check(self) -> None:
+        if self.abandon is None or time.monotonic() - self._asked_at < self.every:
+            return
+        self._asked_at = time.monotonic()
+        if self.abandon():
+            raise SlotGivenUp()
+
+
+async def _lock_unless(lock: asyncio.Lock, give_up: _GiveUp) -> None:
+    """Take ``lock`` (queued in order), or raise :class:`SlotGivenUp` holding nothing."""
+    if give_up.abandon is None:
+        await lock.acquire()
+        return
+    taking = asyncio.ensure_future(lock.acquire())
+    try:
+        while not taking.done():
+            await asyncio.wait({taking}, timeout=give_up.every)
+            if not taking.done():
+                give_up.check()
+    except BaseException:  # given up, or cancelled: a lock taken meanwhile goes back
+        taking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            if await taking:
+                lock.release()
+        raise
+
+
+async def _poll(spec: LimitSpec, ask, pause: float, give_up: _GiveUp | None = None) -> dict:
     """Ask for an in-flight slot until the server grants it; refusals (423) ask again after
     ``pause`` (a concurrency limit does not decay: a refusal costs only its round trip).
 
@@ -561,6 +608,8 @@ async def _poll(spec: LimitSpec, ask, pause: float) -> dict:
             response = await ask()
         except HTTPStatusError as exc:
             if exc.response.status_code == 423:
+                if give_up is not None:
+                    give_up.check()
                 await asyncio.sleep(pause)
                 continue
             if not _server_busy(exc):

@@ -852,7 +852,7 @@ def test_shared_limits_are_held_around_the_call_after_the_local_gate():
 
     class Shared(NoSharedLimits):
         @contextlib.asynccontextmanager
-        async def slot(self, provider):
+        async def slot(self, provider, abandon=None):
             lane = next(x for x in router.lanes if x.name == provider)
             trace.append(f"enter {provider} (gate in flight {lane.gate.in_flight})")
             await sim.sleep(2.0)  # other workers hold the shared slots for a while
@@ -1045,12 +1045,48 @@ def test_a_probe_given_up_before_it_left_frees_the_probe_slot_at_once():
     assert board.probes_refused == 0
 
 
+def test_a_call_waiting_for_the_backups_shared_slot_goes_back_when_the_primarys_probe_is_due():
+    """Other workers hold the backup's shared slots; a prompt waiting for one leaves the queue
+    when the primary's probe comes due, and is that probe (it does not wait in a queue the
+    primary's return cannot reach)."""
+    import contextlib
+
+    from imagebatch.resilience import SlotGivenUp
+
+    class Shared(NoSharedLimits):
+        @contextlib.asynccontextmanager
+        async def slot(self, provider, abandon=None):
+            free_at = sim.now + 1000.0  # the others hold the backup's slots until then
+            while provider == "backup" and sim.now < free_at:
+                if abandon is not None and abandon():
+                    raise SlotGivenUp()
+                await sim.sleep(1.0)
+            yield
+
+    text = CHAIN.replace(
+        "renditions:", "routing: {failover_after: 3, probe_interval_s: 300}\nrenditions:"
+    )
+    router, sim, _ = _router(text, shared=Shared())
+    down = errors.ProviderOverloaded("503")
+    for i in range(3):
+        _attempt(router, sim, Prompt(id=f"f{i}", prompt="x"), lambda n, k: down)
+    opened_at = router.lanes[0].circuit.opened_at
+    sent: list[float] = []
+    result, calls = _attempt(
+        router, sim, Prompt(id="p", prompt="x"), lambda n, k: sent.append(sim.now)
+    )
+    assert (result, calls) == ("primary", ["primary"])
+    assert sent[0] - opened_at == pytest.approx(300.0, abs=2.0)
+    assert router.lanes[0].circuit.state == "closed"
+    assert router.spend.spent == pytest.approx(0.1)  # the backup's price was given back
+
+
 def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_pause_heard_meanwhile():
     import contextlib
 
     class Shared(NoSharedLimits):
         @contextlib.asynccontextmanager
-        async def slot(self, provider):
+        async def slot(self, provider, abandon=None):
             if provider == "primary":  # other workers hold the slots; one of them got a hint
                 await sim.sleep(2.0)
                 router.hear("primary", ProviderNews(paused_for=90.0))
@@ -1067,7 +1103,7 @@ def test_a_call_waiting_for_a_shared_slot_does_not_go_out_into_a_circuit_opened_
 
     class Shared(NoSharedLimits):
         @contextlib.asynccontextmanager
-        async def slot(self, provider):
+        async def slot(self, provider, abandon=None):
             if provider == "primary":  # another worker's circuit opens while this one waits
                 await sim.sleep(2.0)
                 router.hear("primary", ProviderNews(circuit="opened", opened_ago=1.0))

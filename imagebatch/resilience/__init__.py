@@ -31,6 +31,7 @@ from imagebatch.resilience.shared import (
     NoSharedLimits,
     ProviderNews,
     SharedLimits,
+    SlotGivenUp,
     limit_prefix,
     shared_limit_specs,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RetryBudget",
     "Router",
     "SharedLimits",
+    "SlotGivenUp",
     "SpendCap",
     "Ticket",
     "UsageStore",

@@ -42,7 +42,7 @@ from imagebatch.resilience.circuit import CircuitBreaker, Ticket
 from imagebatch.resilience.daily import DailyAllowance
 from imagebatch.resilience.gate import ProviderGate
 from imagebatch.resilience.health import CEILING_TTL_S, ProviderHealth
-from imagebatch.resilience.shared import NoSharedLimits, ProviderNews, SharedLimits
+from imagebatch.resilience.shared import NoSharedLimits, ProviderNews, SharedLimits, SlotGivenUp
 from imagebatch.wire import on_request_sent
 
 __all__ = ["AttemptInfo", "Lane", "Router"]
@@ -308,6 +308,30 @@ class Router:
                 return True
         return False
 
+    def _leave_shared_queue(self, prompt: Any, lane: Lane, ticket: Ticket) -> bool:
+        """Whether a call waiting for ``lane``'s shared slots should go elsewhere: a hint or the
+        circuit's opening came meanwhile, or an earlier provider of another model in the chain
+        can take it (back after an outage, or its probe due). Not to a peer account of the same
+        model: all of them wait for the same kind of slot, and each move costs a day's request."""
+        if not ticket.probe and (lane.gate.paused_for() > 0 or not lane.circuit.valid(ticket)):
+            return True
+        for other in self.order(prompt):
+            if other is lane:
+                return False
+            if self._share(prompt, other, lane):
+                continue
+            if (
+                self._usable(other)
+                and other.circuit.available_in() == 0
+                and other.gate.paused_for() <= self.patience_s
+                and other.gate.in_flight < other.gate.settings.max_in_flight
+                and self._streaks.get((prompt.id, other.name), 0) < self.move_prompt_after
+                and other.name not in self._refused.get(prompt.id, ())
+                and self._short_queue(other)
+            ):
+                return True
+        return False
+
     def _wait_for_any(self, prompt: Any) -> float | None:
         """Seconds until some usable provider could take this prompt, or None if none ever."""
         waits = [
@@ -475,8 +499,11 @@ class Router:
             lane.circuit.probe_sent(ticket, sent_at[0])
 
         try:
-            # other processes on the same account: their shared in-flight cap and pace
-            async with self.shared.slot(lane.name):
+            # other processes on the same account: their shared in-flight cap and pace (a
+            # prompt waiting for them goes back to an earlier provider that came back)
+            async with self.shared.slot(
+                lane.name, abandon=lambda: self._leave_shared_queue(prompt, lane, ticket)
+            ):
                 if not ticket.probe and (
                     lane.gate.paused_for() > 0 or not lane.circuit.valid(ticket)
                 ):
@@ -491,6 +518,10 @@ class Router:
                 lane.circuit.probe_sent(ticket, started)
                 with on_request_sent(leaving):
                     result = await call(lane.name)
+        except SlotGivenUp:
+            self.spend.settle(price, charged=False)
+            lane.circuit.cancel(ticket)  # a probe's turn goes to the next caller
+            raise _Rerouted() from None
         except ProviderError as exc:
             self.spend.settle(price, charged=False)
             self._record(prompt, lane, waited, started, exc, ticket.probe)

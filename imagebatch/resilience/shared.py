@@ -29,6 +29,7 @@ __all__ = [
     "NoSharedLimits",
     "ProviderNews",
     "SharedLimits",
+    "SlotGivenUp",
     "limit_prefix",
     "shared_limit_specs",
 ]
@@ -48,9 +49,19 @@ class ProviderNews:
     rate_limited: bool = False  # a 429 with no hint longer than a window: the quota may be lower
 
 
+class SlotGivenUp(Exception):
+    """Waiting for a shared slot was given up because ``abandon()`` said so; nothing is held."""
+
+
 class SharedLimits(Protocol):
-    def slot(self, provider: str) -> AbstractAsyncContextManager[None]:
-        """Held around one call to ``provider``: the shared in-flight cap, then the shared pace."""
+    def slot(
+        self, provider: str, abandon: Callable[[], bool] | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """Held around one call to ``provider``: the shared in-flight cap, then the shared pace.
+
+        While other workers hold the slots, ``abandon()`` is asked every few seconds; when it
+        says so the wait ends with :class:`SlotGivenUp` (the call belongs elsewhere now).
+        """
 
     def report(self, provider: str, news: ProviderNews) -> None:
         """Tell the other workers (without waiting for them to hear)."""
@@ -75,7 +86,9 @@ class NoSharedLimits:
     """One process alone: its own gates are the whole story."""
 
     @contextlib.asynccontextmanager
-    async def slot(self, provider: str) -> AsyncIterator[None]:
+    async def slot(
+        self, provider: str, abandon: Callable[[], bool] | None = None
+    ) -> AsyncIterator[None]:
         yield
 
     def report(self, provider: str, news: ProviderNews) -> None:
