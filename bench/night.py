@@ -1,15 +1,16 @@
 """A simulated night, side by side: imagebatch, the usual sequential loop, and LiteLLM's router.
 
-    .venv/bin/python bench/night.py                      # everything: 20-26 minutes
+    .venv/bin/python bench/night.py                      # everything: about 30 minutes
     .venv/bin/python bench/night.py --smoke              # each scenario, a few prompts, seconds
 
 Each run starts the project's emulator over HTTP with one scenario's profile (a primary logical
 provider at 10 RPM, latency 30-100 s, and a backup at 5 RPM, in simulated time), runs one
 contender against it in a child process (so its CPU time and memory are its own), and computes
-every figure from the emulator's request log, i.e. from what the providers saw. Ten runs go
-at once (``--jobs``; at most six of them imagebatch's, ``--imagebatch-jobs``, which share one
-Prefect server), the longest first; each has its own emulator, so they do not share a quota.
-A run that fails (say the Prefect server's database stayed locked) is run once more.
+every figure from the emulator's request log, i.e. from what the providers saw. Up to 22 runs
+go at once (``--jobs``; at most eight of them imagebatch's, ``--imagebatch-jobs``, spread over
+two Prefect servers, ``--servers``), the longest first; each has its own emulator, so they do
+not share a quota. A run that fails (say the Prefect server's database stayed locked) is run
+once more; one that sent no request at all (its start refused by a busy server) twice more.
 
 - ``imagebatch``: the real nightly flow on a Prefect server this script starts, the primary in
   the Gemini wire format (google-genai), the backup in OpenAI's (openai SDK);
@@ -507,8 +508,9 @@ def tree_usage(pid: int) -> tuple[float, float]:
 
 
 def charge_server(runs: list[Run], cpu_s: float, rss_mib: float) -> None:
-    """Give each imagebatch run an equal share of the Prefect server's CPU (the server served
-    them all, at once), and the server's peak RSS beside the run's own."""
+    """Give each imagebatch run an equal share of the Prefect servers' CPU (``cpu_s``: their
+    sum over the whole benchmark; they served the runs between them, several at once), and the
+    larger server's peak RSS (``rss_mib``) beside the run's own."""
     served = [run for run in runs if run.contender.startswith("imagebatch")]
     for run in served:
         share = cpu_s / len(served)
@@ -690,7 +692,8 @@ def write_results(text: str, runs: list[Run], scales: dict, args, total_s: float
             + "; "
             "time scales: "
             + ", ".join(f"{k} {v:g}" for k, v in scales.items())
-            + f"; {args.jobs} runs at once, at most {args.imagebatch_jobs} of imagebatch.",
+            + f"; {args.jobs} runs at once, at most {args.imagebatch_jobs} of imagebatch, "
+            f"spread over {args.servers} Prefect servers.",
             "",
             text,
             end,
@@ -710,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds-for",
         nargs="+",
-        default=[],
+        # the tuned run and LiteLLM's two variants once each: the whole within 30 minutes
+        default=["imagebatch=1", "litellm=1", "litellm-loop=1"],
         metavar="CONTENDER=S,S",
         help="other seeds for some contenders (e.g. imagebatch=1: the tuned run once)",
     )
@@ -719,20 +723,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale",
         nargs="+",
-        default=["naive=500", "litellm=2", "imagebatch=5"],
+        # LiteLLM's per-wall-minute rpm counter spans S simulated minutes at scale S: its scale
+        # is the lowest at which its longest night (outage, about 60 simulated minutes) ends
+        # within the budget
+        default=["naive=500", "litellm=2.5", "imagebatch=5"],
         help="simulated seconds per wall second, per contender (NAME=SCALE)",
     )
     parser.add_argument(
         "--jobs",
         type=int,
-        default=10,
+        default=22,
         help="runs at the same time (each its own emulator and contender process)",
     )
     parser.add_argument(
         "--imagebatch-jobs",
         type=int,
-        default=6,
-        help="of these, imagebatch runs at the same time (they share one Prefect server)",
+        default=8,
+        help="of these, imagebatch runs at the same time (they share the Prefect servers)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=2,
+        help="Prefect servers (each its own SQLite database) the imagebatch runs are spread "
+        "over: one database's write lock refuses starts when eight nights share it",
     )
     parser.add_argument("--smoke", action="store_true", help="4 prompts, one seed, high scales")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
@@ -767,9 +781,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     chosen = {n: s for n, s in scenarios().items() if n in args.scenarios}
     home = Path(tempfile.mkdtemp(prefix="imagebatch-night-"))
-    server, api = (None, None)
+    servers: list[subprocess.Popen] = []
+    apis: list[str] = []
     if any(c.startswith("imagebatch") for c in args.contenders):
-        server, api = start_prefect_server(home)
+        for i in range(max(1, args.servers)):
+            (home / f"server-{i}").mkdir()
+            server, api = start_prefect_server(home / f"server-{i}")
+            servers.append(server)
+            apis.append(api)
+    nights_on = [0] * len(apis)  # imagebatch nights running on each server
     jobs = [
         (name, contender, seed)
         for name in chosen
@@ -784,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         reverse=True,
     )
     started = time.perf_counter()
-    stagger = threading.Lock()
+    stagger, placing = threading.Lock(), threading.Lock()
     last_start = [0.0]
     stagger_s = 0.0 if args.smoke else STAGGER_S  # a few prompts a night: no crowd to spread
 
@@ -792,12 +812,18 @@ def main(argv: list[str] | None = None) -> int:
         name, contender, seed = job
         work = home / f"{name}-{contender}-{seed}"
         for attempt in (1, 2, 3):
+            api, on = None, None
             if contender.startswith("imagebatch"):
                 # nights that start on one SQLite server together refuse each other's writes
-                # (503s and client backoff): one start every STAGGER_S at most
+                # (503s and client backoff): one start every STAGGER_S at most, each on the
+                # server with the fewest nights running
                 with stagger:
                     time.sleep(max(0.0, last_start[0] + stagger_s - time.perf_counter()))
                     last_start[0] = time.perf_counter()
+                with placing:
+                    on = nights_on.index(min(nights_on))
+                    nights_on[on] += 1
+                    api = apis[on]
             try:
                 return run_one(
                     chosen[name], contender, seed, scales[contender], args.prompts, work, api
@@ -810,7 +836,11 @@ def main(argv: list[str] | None = None) -> int:
                 # e.g. the Prefect server's SQLite busy for longer than the client retries:
                 # the run is redone from the start, in a directory of its own
                 print(f"{name} {contender} seed {seed}: failed, running it again: {exc}")
-                work = home / f"{name}-{contender}-{seed}-again"
+                work = home / f"{name}-{contender}-{seed}-again{attempt}"
+            finally:
+                if on is not None:
+                    with placing:
+                        nights_on[on] -= 1
         raise AssertionError("unreachable")
 
     def report(run: Run) -> None:
@@ -822,8 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs, failures = run_jobs(jobs, one, slots=args.jobs, caps=caps, done=report)
     finally:
-        if server is not None:
-            server_cpu, server_rss = tree_usage(server.pid)
+        for server in servers:
+            cpu, rss = tree_usage(server.pid)
+            server_cpu, server_rss = server_cpu + cpu, max(server_rss, rss)
             os.killpg(server.pid, 15)
             server.wait(30)
     charge_server(runs, server_cpu, server_rss)

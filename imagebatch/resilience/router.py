@@ -273,6 +273,19 @@ class Router:
             for other in usable
         )
 
+    def _can_take(self, prompt: Any, lane: Lane) -> bool:
+        """Whether ``lane`` could take ``prompt`` now: usable, closed or open with its probe due
+        (a queued prompt can be that probe), not paused beyond patience, a place in flight free,
+        and neither given up on nor refused for this prompt."""
+        return (
+            self._usable(lane)
+            and lane.circuit.available_in() == 0
+            and lane.gate.paused_for() <= self.patience_s
+            and lane.gate.in_flight < lane.gate.settings.max_in_flight
+            and self._streaks.get((prompt.id, lane.name), 0) < self.move_prompt_after
+            and lane.name not in self._refused.get(prompt.id, ())
+        )
+
     def _better_than(self, prompt: Any, lane: Lane, left: float) -> bool:
         """Whether a provider before ``lane`` in this prompt's order should take it instead,
         the prompt having ``left`` seconds to wait at ``lane``.
@@ -290,15 +303,7 @@ class Router:
                 continue
             if after and not self._share(prompt, other, lane):
                 continue
-            if not (
-                self._usable(other)
-                # closed, or open with its probe due: a queued prompt can be that probe
-                and other.circuit.available_in() == 0
-                and other.gate.paused_for() <= self.patience_s
-                and other.gate.in_flight < other.gate.settings.max_in_flight
-                and self._streaks.get((prompt.id, other.name), 0) < self.move_prompt_after
-                and other.name not in self._refused.get(prompt.id, ())
-            ):
+            if not self._can_take(prompt, other):
                 continue
             if self._share(prompt, other, lane):
                 step = max(other.gate.interval(), 1.0 / other.gate.settings.time_scale)
@@ -320,15 +325,7 @@ class Router:
                 return False
             if self._share(prompt, other, lane):
                 continue
-            if (
-                self._usable(other)
-                and other.circuit.available_in() == 0
-                and other.gate.paused_for() <= self.patience_s
-                and other.gate.in_flight < other.gate.settings.max_in_flight
-                and self._streaks.get((prompt.id, other.name), 0) < self.move_prompt_after
-                and other.name not in self._refused.get(prompt.id, ())
-                and self._short_queue(other)
-            ):
+            if self._can_take(prompt, other) and self._short_queue(other):
                 return True
         return False
 
