@@ -8,10 +8,10 @@ from datetime import date
 from pathlib import PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagebatch.config import FinishBy
-from imagebatch.models import SAFE_ID_PATTERN, PromptRecord
+from imagebatch.models import SAFE_ID_PATTERN, Prompt, PromptRecord
 
 __all__ = [
     "BatchRun",
@@ -19,8 +19,13 @@ __all__ = [
     "Outcome",
     "default_batch_id",
     "rerun_params",
+    "shard_prompts",
+    "shard_run",
     "summarize",
 ]
+
+#: a split night's shards at most (each a flow run, its own process on some worker)
+MAX_SHARDS = 64
 
 Outcome = Literal["completed", "partial", "failed"]
 
@@ -76,6 +81,59 @@ class BatchRun(BaseModel):
     dry_run: bool = Field(
         default=False,
         description="Only estimate the time and cost (the plan artifact); generate nothing",
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="Split the night into this many runs of the nightly deployment, spread "
+        "over its work pool's workers (they share each provider's limits); 1: this run does "
+        "it all",
+    )
+    shard: int | None = Field(
+        default=None,
+        ge=0,
+        lt=MAX_SHARDS,
+        description="Set by a split night's parent run (this run does one share of the "
+        "prompts); leave empty",
+    )
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> BatchRun:
+        if self.shard is not None and self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards}: shard must be below shards")
+        return self
+
+    def shard_label(self) -> str:
+        """``shard 2/4`` (1-based, as the UI shows it), or empty for a whole night."""
+        return "" if self.shard is None else f"shard {self.shard + 1}/{self.shards}"
+
+
+def shard_prompts(prompts: list[Prompt], shard: int, shards: int) -> list[Prompt]:
+    """The prompts of shard ``shard`` of ``shards``: every ``shards``-th from position
+    ``shard`` of the validated prompts, so each prompt is in exactly one shard and the shards
+    are even (within one prompt) whatever the order of the file."""
+    return prompts[shard::shards]
+
+
+def shard_run(
+    run: BatchRun,
+    shard: int,
+    batch_id: str,
+    *,
+    budget_usd: float | None,
+    deadline_s: float | None,
+) -> BatchRun:
+    """The parameters of one shard of ``run``: the same prompts, config and output, the
+    night's batch id, its share of the night's budget and what is left of its deadline."""
+    return run.model_copy(
+        update={
+            "batch_id": batch_id,
+            "shard": shard,
+            "budget_usd": None if budget_usd is None else budget_usd / run.shards,
+            "deadline_s": deadline_s,
+            "dry_run": False,
+        }
     )
 
 

@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         "chain as soon as the preferred providers alone would miss it",
     )
     run.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the night into N runs of the nightly deployment on its work pool's workers "
+        "(needs PREFECT_API_URL, the deployment and running workers; default 1: this process)",
+    )
+    run.add_argument(
         "--quiet", action="store_true", help="print only warnings, errors and the summary"
     )
     run.set_defaults(handler=_cmd_run)
@@ -172,10 +180,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             budget_usd=args.budget_usd,
             deadline_s=args.deadline_s,
             finish_by=args.finish_by,
+            shards=args.shards,
         )
     except ValidationError as exc:
         err = exc.errors()[0]
         print(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return EXIT_INPUT
+    if params.shards > 1 and not _has_prefect_server(
+        "--shards runs the night on a work pool's workers, which use the server you name"
+    ):
         return EXIT_INPUT
     return _run_flow(params, quiet=args.quiet)
 

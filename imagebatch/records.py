@@ -61,6 +61,14 @@ class RecordStore:
             if key.endswith(f"/{_SUCCESS}") and key.count("/") == 2
         }
 
+    def recorded_ids(self) -> set[str]:
+        """Ids of every prompt of this batch with a success or failure record (one listing)."""
+        return {
+            key.split("/")[-2]
+            for key in self.sink.list(f"{self.batch_id}/")
+            if key.endswith((f"/{_SUCCESS}", f"/{_FAILURE}")) and key.count("/") == 2
+        }
+
     def read_success(self, prompt_id: str) -> PromptRecord | None:
         data = self.sink.read(self.object_key(prompt_id, _SUCCESS))
         return PromptRecord.model_validate_json(data) if data is not None else None
@@ -93,8 +101,9 @@ class RecordStore:
             cache_control=_NO_CACHE,
         )
 
-    def write_manifest(self, prompt_ids: Iterable[str], resumed: set[str]) -> list[PromptRecord]:
-        """Rebuild ``manifest.jsonl`` from the records of ``prompt_ids``, in that order."""
+    def collect(self, prompt_ids: Iterable[str], resumed: set[str]) -> list[PromptRecord]:
+        """The records of ``prompt_ids`` in that order (those ``resumed`` marked so); a prompt
+        without a record is left out."""
         records: list[PromptRecord] = []
         for prompt_id in prompt_ids:
             record = self.read(prompt_id)
@@ -103,6 +112,11 @@ class RecordStore:
             if prompt_id in resumed:
                 record = record.model_copy(update={"resumed": True})
             records.append(record)
+        return records
+
+    def write_manifest(self, prompt_ids: Iterable[str], resumed: set[str]) -> list[PromptRecord]:
+        """Rebuild ``manifest.jsonl`` from the records of ``prompt_ids``, in that order."""
+        records = self.collect(prompt_ids, resumed)
         body = "".join(r.model_dump_json() + "\n" for r in records).encode()
         self.sink.write(
             f"{self.batch_id}/{MANIFEST_NAME}",

@@ -33,7 +33,8 @@ def _percentile(values: list[float], q: float) -> float | None:
 @dataclass(frozen=True)
 class NightEvent:
     """One thing the router told the night: a circuit opening or closing, a failover, a
-    failback, a quota running out, a provider taken out of the chain."""
+    failback, a quota running out, a provider taken out of the chain; or a split night's
+    shard that crashed and was started again (``provider`` then names the shard)."""
 
     at: datetime
     event: str  # imagebatch.circuit.opened, imagebatch.provider.failover, ...
@@ -48,6 +49,7 @@ class NightEvent:
             "imagebatch.provider.failback": "prompts came back to it",
             "imagebatch.quota.exhausted": "quota exhausted",
             "imagebatch.provider.faulty": "taken out of the chain for the night",
+            "imagebatch.shard.restarted": "crashed; started again, resuming from its records",
         }.get(self.event, self.event)
         extra = ", ".join(f"{k}: {v}" for k, v in self.detail.items() if v not in (None, ""))
         return f"{what} ({extra})" if extra else what

@@ -733,8 +733,15 @@ class PrefectUsageStore:
         self._seen[name] = (limit, time.monotonic())
 
 
-async def sync_limits(config: BatchConfig, time_scale: float = 1.0) -> list[tuple[LimitSpec, str]]:
-    """Create or update the shared limits of ``config``; what was done to each."""
+async def sync_limits(
+    config: BatchConfig, time_scale: float = 1.0, *, create_only: bool = False
+) -> list[tuple[LimitSpec, str]]:
+    """Create or update the shared limits of ``config``; what was done to each.
+
+    ``create_only``: create the missing limits and leave those that exist as they are (a
+    split night's parent: a ceiling the workers learned stays; a limit that no longer matches
+    the config is reported by each shard's check, which says to run ``imagebatch limits
+    sync``)."""
     done = []
     async with get_client() as client:
         for spec in shared_limit_specs(config, time_scale):
@@ -742,6 +749,9 @@ async def sync_limits(config: BatchConfig, time_scale: float = 1.0) -> list[tupl
                 current = await client.read_global_concurrency_limit_by_name(spec.name)
             except ObjectNotFound:
                 current = None
+            if create_only and current is not None:
+                done.append((spec, "kept"))
+                continue
             same = current is not None and (
                 current.limit == spec.limit
                 and current.slot_decay_per_second == (spec.slot_decay_per_second or 0.0)

@@ -23,6 +23,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,
     TaskRunFilterName,
 )
+from prefect.client.schemas.sorting import TaskRunSort
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.utilities.urls import url_for
@@ -168,6 +169,9 @@ async def publish_report(
     signed_url_expiry_s: int | None = None,
     events: list[NightEvent] | None = None,
     sheet_uri: str | None = None,
+    *,
+    key_prefix: str = "imagebatch",
+    flow_runs: list[UUID] | None = None,
 ) -> None:
     """Create the end-of-batch artifacts: a table per provider and a markdown report.
 
@@ -175,6 +179,9 @@ async def publish_report(
     links are signed URLs; otherwise Cloud Console pages. ``events``: the circuit and failover
     events of the night, listed with their times; the prompts that took more than one call link
     their generate task run. ``sheet_uri``: the night's contact sheet, shown or linked.
+    ``key_prefix``: the artifacts' keys (``<prefix>-summary``, ``<prefix>-report``; a split
+    night's shards use their own, so the night's keys show the whole night). ``flow_runs``:
+    where the generate task runs are (a split night's shards; default this run).
     """
     links = None
     if sink is not None:
@@ -183,7 +190,7 @@ async def publish_report(
             get_run_logger().warning("%s", links.note)
     await acreate_table_artifact(
         table=provider_table(records) or [{"provider": "(none)", "succeeded": 0}],
-        key="imagebatch-summary",
+        key=f"{key_prefix}-summary",
         description=f"Batch {summary.batch_id}: {summary.message}",
     )
     await acreate_markdown_artifact(
@@ -193,28 +200,34 @@ async def publish_report(
             links,
             events=events or [],
             task_runs=await _generate_task_runs(
-                [r.id for r in records if not r.resumed and len(r.attempts) > 1][:REPORT_ROWS]
+                [r.id for r in records if not r.resumed and len(r.attempts) > 1][:REPORT_ROWS],
+                flow_runs,
             ),
             sheet_uri=sheet_uri,
         ),
-        key="imagebatch-report",
+        key=f"{key_prefix}-report",
         description=f"Batch {summary.batch_id} report",
     )
 
 
-async def _generate_task_runs(prompt_ids: list[str]) -> dict[str, str]:
-    """Prompt id -> UI link of its ``generate-<id>`` task run in this flow run (none if the API
-    cannot say: the report is written anyway)."""
+async def _generate_task_runs(
+    prompt_ids: list[str], flow_runs: list[UUID] | None = None
+) -> dict[str, str]:
+    """Prompt id -> UI link of its ``generate-<id>`` task run in this flow run, or in
+    ``flow_runs`` (the newest of several; none if the API cannot say: the report is written
+    anyway)."""
     context = FlowRunContext.get()
     if not prompt_ids or context is None or context.flow_run is None:
         return {}
     names = {f"generate-{pid}": pid for pid in prompt_ids}
+    where = flow_runs or [context.flow_run.id]
     try:
         async with get_client() as client:
             runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[context.flow_run.id])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=where)),
                 task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=list(names))),
-                limit=len(names) * 2,
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                limit=len(names) * 2 * len(where),
             )
     except Exception as exc:  # the report matters more than its links
         get_run_logger().warning("could not link the retried prompts' task runs: %s", exc)
