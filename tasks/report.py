@@ -44,6 +44,8 @@ from imagebatch.storage.base import Sink
 
 #: seconds between two progress artifact updates (each is one API call)
 PROGRESS_INTERVAL_S = 2.0
+#: the most a read of the Prefect API returns (its server's default limit)
+API_PAGE = 200
 _last_update: dict[UUID, float] = {}
 
 
@@ -221,22 +223,28 @@ async def _generate_task_runs(
         return {}
     names = {f"generate-{pid}": pid for pid in prompt_ids}
     where = flow_runs or [context.flow_run.id]
+    # a read returns at most the server's page (PREFECT_SERVER_API_DEFAULT_LIMIT, 200): ask
+    # for a few names at a time, each with room for a run in every flow run (and a spare)
+    wanted = list(names)
+    per_read = max(1, API_PAGE // (2 * len(where)))
+    links = {}
     try:
         async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=where)),
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=list(names))),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-                limit=len(names) * 2 * len(where),
-            )
+            for start in range(0, len(wanted), per_read):
+                part = wanted[start : start + per_read]
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=where)),
+                    task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=part)),
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC,  # the newest last, kept
+                    limit=len(part) * 2 * len(where),
+                )
+                for run in runs:
+                    url = url_for("task-run", obj_id=run.id)
+                    if run.name in names and url:
+                        links[names[run.name]] = url
     except Exception as exc:  # the report matters more than its links
         get_run_logger().warning("could not link the retried prompts' task runs: %s", exc)
         return {}
-    links = {}
-    for run in runs:
-        url = url_for("task-run", obj_id=run.id)
-        if run.name in names and url:
-            links[names[run.name]] = url
     return links
 
 

@@ -19,7 +19,6 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.utilities.urls import url_for
 
 from imagebatch.batch import BatchRun
 from imagebatch.errors import ConfigError
@@ -49,10 +48,6 @@ class Shard:
     @property
     def current(self) -> FlowRun:
         return self.runs[-1]
-
-    def link(self, run: FlowRun | None = None) -> str:
-        run = run or self.current
-        return url_for("flow-run", obj_id=run.id) or str(run.id)
 
 
 async def shard_deployment(shards: int) -> UUID:

@@ -316,3 +316,52 @@ def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(tmp_p
     assert "shard 2/2 ended before it settled this prompt" in left.error
     assert "Crashed: No heartbeat for 90 s" in left.error and "run the batch again" in left.error
     assert store.recorded_ids() == {"p0", "p1", "p2", "p3"}
+
+
+@pytest.mark.flow
+def test_the_report_links_every_retried_prompts_task_run_past_one_page_of_the_api(
+    prefect_server,
+):
+    """A night (or a split night's shards) with more retried prompts than one read of the API
+    returns (200 runs) still links each one's generate task run."""
+    from prefect import flow, task
+
+    from tasks.report import _generate_task_runs
+
+    @task(task_run_name="generate-{pid}")
+    def generate(pid: str) -> str:
+        return pid
+
+    async def recorded(flow_run_id) -> int:
+        """Task runs of the flow run the server has recorded (it records them from events,
+        a moment after they ran)."""
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            found = 0
+            for page in range(2):
+                found += len(
+                    await client.read_task_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                        offset=page * 100,
+                        limit=100,
+                    )
+                )
+        return found
+
+    @flow
+    async def night() -> dict[str, str]:
+        from prefect.runtime import flow_run
+
+        for i in range(150):
+            generate(f"p{i:03d}")
+        deadline = time.monotonic() + 60
+        while await recorded(flow_run.id) < 150:
+            assert time.monotonic() < deadline, "the server did not record the task runs"
+            await asyncio.sleep(0.2)
+        return await _generate_task_runs([f"p{i:03d}" for i in range(150)])
+
+    links = asyncio.run(night())
+    assert sorted(links) == [f"p{i:03d}" for i in range(150)]
+    assert len(set(links.values())) == 150 and all("/runs/task-run/" in u for u in links.values())
