@@ -28,8 +28,8 @@ def _child(prompts: int, size: str, out: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     sys.path.insert(0, str(ROOT))
-    from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     source = out / "prompts.jsonl"
     source.write_text(

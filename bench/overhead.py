@@ -44,9 +44,9 @@ def _child(prompts: int, out: Path) -> None:
     import asyncio
 
     sys.path.insert(0, str(ROOT))
-    from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
     from imagebatch.config import parse_config
+    from imagebatch.flows.nightly_batch import nightly_batch
     from imagebatch.models import Prompt
     from imagebatch.providers import build_provider
 

@@ -2,7 +2,7 @@
 
 Register them once per Prefect server::
 
-    prefect block register -m blocks.providers
+    prefect block register -m imagebatch.blocks.providers
 
 then create one in the UI (Blocks, +) and name it in the config: ``block: imagebatch-gemini/NAME``.
 The block's fields fill the provider entry; keys stay in the block as secrets.
@@ -203,7 +203,7 @@ async def resolve_provider_blocks(config: BatchConfig) -> tuple[BatchConfig, dic
         except ValueError:
             raise ConfigError(
                 f"no saved block '{entry.block}' on this Prefect server; create it in the UI "
-                "(Blocks) after 'prefect block register -m blocks.providers'",
+                "(Blocks) after 'prefect block register -m imagebatch.blocks.providers'",
                 source="config",
                 key=key,
             ) from None

@@ -17,8 +17,8 @@ from imagebatch.models import Prompt
 from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink, open_sink
-from tasks.generate import generate_image
-from tasks.load import load_config, load_prompts, resolve_provider_blocks
+from imagebatch.tasks.generate import generate_image
+from imagebatch.tasks.load import load_config, load_prompts, resolve_provider_blocks
 
 
 @task(name="publish_contact_sheet", cache_policy=NO_CACHE, persist_result=False)

@@ -4,67 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 
 from prefect import Task, flow, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from prefect.utilities.collections import visit_collection
 
-from blocks.storage import sink_from_gcs_block
 from imagebatch.batch import (
     BatchRun,
     BatchSummary,
+    batch_settings,
     default_batch_id,
     shard_prompts,
-    shard_run,
-    summarize,
 )
 from imagebatch.config import BatchConfig
 from imagebatch.errors import ImageBatchError, StorageError
-from imagebatch.models import Prompt, PromptRecord
+from imagebatch.flows.night_end import close_night, close_shard
+from imagebatch.flows.split_night import split_night
+from imagebatch.models import Prompt
+from imagebatch.prefect.artifacts import ProgressArtifact
+from imagebatch.prefect.daily_usage import PrefectUsageStore
+from imagebatch.prefect.events import event_emitter
+from imagebatch.prefect.gcs_block import sink_from_gcs_block
 from imagebatch.progress import BatchProgress
-from imagebatch.prompts import PromptLoad
-from imagebatch.records import RecordStore
-from imagebatch.report import NightEvent
 from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink, open_sink
-from tasks.generate import generate_image
-from tasks.limits import PrefectUsageStore, check_shared_limits, sync_limits
-from tasks.load import load_config, load_prompts, resolve_provider_blocks
-from tasks.plan import plan_batch
-from tasks.process import process_image
-from tasks.publish import publish_images, publish_index, record_failure, reuse_published
-from tasks.report import (
-    emit_batch_outcome,
-    event_emitter,
-    find_blocked,
-    find_finished,
-    name_run_after,
-    publish_night_sheet,
-    publish_report,
-    record_batch,
-    start_progress,
-    update_progress,
-    write_manifest,
-    write_summary,
-)
-from tasks.shards import Shard, read_shards, shard_deployment, start_shard
-
-#: how often a split night's parent reads its shards' states, and the night's progress
-SHARD_POLL_S = 5.0
-PROGRESS_POLL_S = 30.0
-#: a crashed shard is started again this many times at most
-SHARD_RESTARTS = 3
-#: a shard no worker has taken for this long gets a warning (is a worker of the pool running?)
-UNCLAIMED_S = 300.0
+from imagebatch.tasks.generate import generate_image
+from imagebatch.tasks.limits import check_shared_limits
+from imagebatch.tasks.load import load_config, load_prompts, resolve_provider_blocks
+from imagebatch.tasks.plan import plan_batch
+from imagebatch.tasks.process import process_image
+from imagebatch.tasks.publish import publish_images, record_failure, reuse_published
+from imagebatch.tasks.report import find_blocked, find_finished, record_batch
 
 
 def _run_day() -> datetime:
@@ -103,9 +77,9 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         table per provider (``imagebatch-summary``) and a report (``imagebatch-report``).
 
     With ``run.shards`` above 1 this run is a split night's parent: it runs no prompt itself
-    but one flow run of the deployment per shard (see :func:`_split_night`); each shard
-    (``run.shard`` set) works on every ``shards``-th prompt with the providers' limits shared,
-    and leaves the night's manifest, summary and report to the parent.
+    but one flow run of the deployment per shard (:mod:`imagebatch.flows.split_night`); each
+    shard (``run.shard`` set) works on every ``shards``-th prompt with the providers' limits
+    shared, and leaves the night's manifest, summary and report to the parent.
     """
     logger = get_run_logger()
     config = load_config(run.config)
@@ -138,7 +112,7 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
     settings = Settings()
     sink = await _open_output(run, config, settings)
     if run.shards > 1 and run.shard is None:
-        return await _split_night(run, config, loaded, batch_id, sink, settings)
+        return await split_night(run, config, loaded, batch_id, sink, settings)
     prompts, lock = loaded.prompts, batch_id
     if run.shard is not None:  # one share of a split night: the shards share every limit
         prompts = shard_prompts(loaded.prompts, run.shard, run.shards)
@@ -171,11 +145,12 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
         if not run.retry_blocked:
             finished |= find_blocked(runtime.records)  # kept as they are, counted as resumed
         if run.shard is None:  # a shard's parent keeps them for the whole night
-            record_batch(runtime.records, loaded.prompts, _batch_settings(run, batch_id, sink))
+            record_batch(runtime.records, loaded.prompts, batch_settings(run, batch_id, sink.uri()))
         # what is left to do tonight: the finish_by estimate counts it down
         runtime.router.expect([p.id for p in prompts if p.id not in finished])
-        progress = BatchProgress(batch_id=batch_id, total=len(prompts))
-        artifact_id = await start_progress(progress)
+        progress = await ProgressArtifact.start(
+            BatchProgress(batch_id=batch_id, total=len(prompts))
+        )
         limit = asyncio.Semaphore(run.max_in_flight or config.prompts_in_flight())
         logger.info(
             "batch %s%s: %d prompts, %d already done, output %s",
@@ -188,11 +163,11 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
 
         async def settle(prompt: Prompt) -> None:
             if prompt.id in finished:
-                progress.record("resumed")
+                progress.progress.record("resumed")
             else:
                 async with limit:
-                    progress.record(await _run_prompt(prompt, runtime, generate))
-            await update_progress(artifact_id, progress)
+                    progress.progress.record(await _run_prompt(prompt, runtime, generate))
+            await progress.update()
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -202,281 +177,19 @@ async def nightly_batch(run: BatchRun = _DEFAULT_RUN) -> State[BatchSummary]:
             await runtime.aclose()
 
         ids = [p.id for p in prompts]
+        night = dict(
+            store=runtime.records,
+            sink=sink,
+            ids=ids,
+            finished=finished,
+            loaded=loaded,
+            config=config,
+            progress=progress,
+            events=journal.events,
+        )
         if run.shard is not None:  # its share only: the parent writes the night's files
-            shard_id = f"{batch_id}-shard-{run.shard + 1}"
-            records = await asyncio.to_thread(runtime.records.collect, ids, finished)
-            summary = _summarize(shard_id, records, finished, ids, loaded, config, runtime.records)
-            await update_progress(artifact_id, progress, final=True)
-            await publish_report(
-                summary,
-                records,
-                sink,
-                config.publish.signed_url_expiry_s,
-                journal.events,
-                key_prefix="imagebatch-shard",
-            )
-            logger.info("%s %s: %s", shard_id, summary.outcome, summary.message)
-            await name_run_after(summary)
-            return _final_state(summary)
-        records = write_manifest(runtime.records, ids, finished)
-        if config.publish.latest_index:
-            publish_index(sink, records)
-        summary = _summarize(batch_id, records, finished, ids, loaded, config, runtime.records)
-        write_summary(runtime.records, summary)
-        await update_progress(artifact_id, progress, final=True)
-        sheet = await publish_night_sheet(runtime.records, records, config.publish.contact_sheet)
-        await publish_report(
-            summary, records, sink, config.publish.signed_url_expiry_s, journal.events, sheet
-        )
-
-    logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
-    emit_batch_outcome(summary)
-    await name_run_after(summary)
-    return _final_state(summary)
-
-
-def _summarize(
-    batch_id: str,
-    records: list[PromptRecord],
-    finished: set[str],
-    ids: list[str],
-    loaded: PromptLoad,
-    config: BatchConfig,
-    store: RecordStore,
-) -> BatchSummary:
-    return summarize(
-        batch_id,
-        records,
-        resumed=finished & set(ids),
-        rejected_rows=len(loaded.rejected),
-        failure_threshold=config.failure_threshold,
-        blocked_threshold=config.blocked_threshold,
-        manifest_uri=store.manifest_uri,
-    )
-
-
-def _final_state(summary: BatchSummary) -> State[BatchSummary]:
-    if summary.outcome == "failed":
-        return Failed(message=summary.message, data=summary)
-    if summary.outcome == "partial":
-        return Completed(message=summary.message, name="Partially succeeded", data=summary)
-    return Completed(message=summary.message, data=summary)
-
-
-def _batch_settings(run: BatchRun, batch_id: str, sink: Sink) -> dict:
-    """What the batch was run with, kept beside it for reruns."""
-    return {
-        **run.model_dump(mode="json"),
-        "prompts": _absolute(run.prompts),
-        "config": str(Path(run.config).resolve()) if run.config else None,
-        "batch_id": batch_id,
-        "output": sink.uri(),
-    }
-
-
-async def _split_night(
-    run: BatchRun,
-    config: BatchConfig,
-    loaded: PromptLoad,
-    batch_id: str,
-    sink: Sink,
-    settings: Settings,
-) -> State[BatchSummary]:
-    """A night split into ``run.shards`` flow runs of the nightly deployment, one share of the
-    prompts each, on whichever workers of its work pool take them (a parent run with its
-    shards in the UI).
-
-    The parent holds the batch's lock, keeps its prompts and settings, creates the providers'
-    shared limits that are missing (a shard checks them as ``shared_limits: true`` does), and
-    starts the shards. A shard's budget is its share of the night's; its deadline what is
-    left of the night's. A shard that crashed (its worker saw its process die, or the zombie
-    automation saw its heartbeats stop) is started again, up to ``SHARD_RESTARTS`` times: it
-    resumes from its records. When every shard has ended, the parent writes the night's
-    manifest, summary, contact sheet and report from every prompt's record; a prompt no shard
-    settled is recorded as skipped, with the shard's end as the reason.
-    """
-    logger = get_run_logger()
-    deployment = await shard_deployment(run.shards)
-    for spec, what in await sync_limits(config, settings.time_scale, create_only=True):
-        if what == "created":
-            logger.info("created the shared limit %s for the shards", spec.name)
-    with sink.lock(batch_id):
-        store = RecordStore(sink, batch_id)
-        finished = find_finished(store)
-        if not run.retry_blocked:
-            finished |= find_blocked(store)
-        record_batch(store, loaded.prompts, _batch_settings(run, batch_id, sink))
-        journal = event_emitter(batch_id, logger)
-        ids = [p.id for p in loaded.prompts]
-        progress = BatchProgress(batch_id=batch_id, total=len(ids))
-        artifact_id = await start_progress(progress)
-        budget = run.budget_usd if run.budget_usd is not None else config.budget_usd
-        deadline = run.deadline_s if run.deadline_s is not None else config.deadline_s
-        started = time.monotonic()
-        shards = [
-            Shard(k, shard_run(run, k, batch_id, budget_usd=budget, deadline_s=deadline))
-            for k in range(run.shards)
-        ]
-        for shard in shards:
-            await start_shard(deployment, shard, batch_id)
-        logger.info(
-            "batch %s: %d prompts in %d shards (%d already done), output %s",
-            batch_id,
-            len(ids),
-            run.shards,
-            len(finished & set(ids)),
-            sink.uri(batch_id),
-        )
-        await _watch_shards(
-            shards,
-            deployment,
-            batch_id,
-            journal.events,
-            started,
-            deadline,
-            lambda: _night_progress(store, ids, finished, progress, artifact_id),
-        )
-        # the night's progress and files, from every prompt's record
-        await _night_progress(store, ids, finished, progress, artifact_id, final=True)
-        await _record_unsettled(store, shards, loaded.prompts, batch_id)
-        records = write_manifest(store, ids, finished)
-        if config.publish.latest_index:
-            publish_index(sink, records)
-        summary = _summarize(batch_id, records, finished, ids, loaded, config, store)
-        write_summary(store, summary)
-        sheet = await publish_night_sheet(store, records, config.publish.contact_sheet)
-        await publish_report(
-            summary,
-            records,
-            sink,
-            config.publish.signed_url_expiry_s,
-            journal.events,
-            sheet,
-            flow_runs=[r.id for shard in shards for r in shard.runs],
-        )
-    logger.info("batch %s %s: %s", batch_id, summary.outcome, summary.message)
-    emit_batch_outcome(summary)
-    await name_run_after(summary)
-    return _final_state(summary)
-
-
-async def _watch_shards(
-    shards: list[Shard],
-    deployment,
-    batch_id: str,
-    events: list[NightEvent],
-    started: float,
-    deadline_s: float | None,
-    show_progress: Callable[[], Awaitable[None]],
-) -> None:
-    """Wait until every shard has ended; start a crashed one again while restarts and the
-    deadline allow; warn about a shard no worker takes; ``show_progress`` now and then."""
-    logger = get_run_logger()
-    warned: set[int] = set()
-    shown = time.monotonic()
-    while True:
-        await asyncio.sleep(SHARD_POLL_S)
-        await read_shards(shards)
-        if time.monotonic() - shown >= PROGRESS_POLL_S:
-            await show_progress()
-            shown = time.monotonic()
-        running = False
-        for shard in shards:
-            state = shard.current.state
-            if state is None or not state.is_final():
-                running = True
-                waiting = state is not None and (state.is_scheduled() or state.is_pending())
-                created = shard.current.created
-                waited = (datetime.now(UTC) - created).total_seconds() if created else 0.0
-                if waiting and waited > UNCLAIMED_S and shard.index not in warned:
-                    warned.add(shard.index)
-                    logger.warning(
-                        "%s has waited %.0f s for a worker: is a worker of the deployment's "
-                        "pool running (`prefect worker start --pool ...`)?",
-                        shard.label,
-                        waited,
-                    )
-                continue
-            left = None if deadline_s is None else deadline_s - (time.monotonic() - started)
-            if not state.is_crashed() or len(shard.runs) > SHARD_RESTARTS:
-                continue
-            if left is not None and left <= 0:
-                continue
-            crashed = shard.current
-            shard.params = shard.params.model_copy(update={"deadline_s": left})
-            again = await start_shard(deployment, shard, batch_id)
-            running = True
-            why = (state.message or "").strip()[:200]
-            logger.warning(
-                "%s crashed (%s): started again as %s; it resumes from its records",
-                shard.label,
-                why or state.name,
-                again.name,
-            )
-            detail = {"crashed run": crashed.name, "why": why, "new run": again.name}
-            events.append(
-                NightEvent(datetime.now(UTC), "imagebatch.shard.restarted", shard.label, detail)
-            )
-            emit_event(
-                event="imagebatch.shard.restarted",
-                resource={
-                    "prefect.resource.id": f"prefect.flow-run.{crashed.id}",
-                    "prefect.resource.name": crashed.name,
-                },
-                related=[
-                    {
-                        "prefect.resource.id": f"imagebatch.batch.{batch_id}",
-                        "prefect.resource.role": "batch",
-                    }
-                ],
-                payload={**detail, "shard": shard.label},
-            )
-        if not running:
-            return
-
-
-async def _night_progress(
-    store: RecordStore,
-    ids: list[str],
-    finished: set[str],
-    progress: BatchProgress,
-    artifact_id,
-    *,
-    final: bool = False,
-) -> None:
-    """The parent's progress artifact, from the records the shards wrote (one listing)."""
-    done = await asyncio.to_thread(store.succeeded_ids)
-    wanted = set(ids)
-    progress.counts = Counter(
-        {"resumed": len(finished & wanted), "succeeded": len((done - finished) & wanted)}
-    )
-    progress.notify()
-    await update_progress(artifact_id, progress, final=final)
-
-
-async def _record_unsettled(
-    store: RecordStore, shards: list[Shard], prompts: list[Prompt], batch_id: str
-) -> None:
-    """A skipped record, naming its shard's end, for every prompt no shard settled (a shard
-    that crashed more often than it is restarted, ran out of the deadline, or failed before
-    its prompts): the manifest lists every prompt of the night."""
-    recorded = await asyncio.to_thread(store.recorded_ids)
-    for shard in shards:
-        ended = shard.current.state
-        why = f"{ended.name}: {(ended.message or '').strip()[:200]}" if ended else "unknown"
-        for prompt in shard_prompts(prompts, shard.index, len(shards)):
-            if prompt.id not in recorded:
-                record = PromptRecord(
-                    id=prompt.id,
-                    status="skipped",
-                    error=(
-                        f"{shard.label} ended before it settled this prompt (its run "
-                        f"{shard.current.name} ended {why}); run the batch again to finish it"
-                    ),
-                    batch_id=batch_id,
-                    finished_at=datetime.now(UTC),
-                )
-                await asyncio.to_thread(store.write_failure, record)
+            return await close_shard(shard_id=f"{batch_id}-shard-{run.shard + 1}", **night)
+        return await close_night(**night)
 
 
 async def _open_output(run: BatchRun, config: BatchConfig, settings: Settings) -> Sink:
@@ -486,10 +199,6 @@ async def _open_output(run: BatchRun, config: BatchConfig, settings: Settings) -
             run.gcs_block, settings=settings, cache_control=cache_control
         )
     return open_sink(run.output or config.output, settings=settings, cache_control=cache_control)
-
-
-def _absolute(source: str) -> str:
-    return source if "://" in source else str(Path(source).resolve())
 
 
 async def _run_prompt(prompt: Prompt, runtime: BatchRuntime, generate: Task) -> str:

@@ -11,10 +11,10 @@ from prefect.cache_policies import NO_CACHE
 from imagebatch.config import BatchConfig, ProviderConfig
 from imagebatch.health_probe import ProbeResult
 from imagebatch.health_probe import probe_provider as _probe_provider
+from imagebatch.prefect.daily_usage import PrefectUsageStore
 from imagebatch.resilience import FileHealthStore, FileUsageStore
 from imagebatch.settings import Settings
-from tasks.limits import PrefectUsageStore
-from tasks.load import load_config, resolve_provider_blocks
+from imagebatch.tasks.load import load_config, resolve_provider_blocks
 
 
 @task(

@@ -6,8 +6,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from flows.nightly_batch import nightly_batch
 from imagebatch.batch import BatchSummary, rerun_params
+from imagebatch.flows.nightly_batch import nightly_batch
 
 
 def _rerun_name() -> str:

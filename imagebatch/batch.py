@@ -5,18 +5,20 @@ from __future__ import annotations
 import re
 from collections import Counter
 from datetime import date
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagebatch.config import FinishBy
+from imagebatch.errors import FAULTY_PROVIDER
 from imagebatch.models import SAFE_ID_PATTERN, Prompt, PromptRecord
 
 __all__ = [
     "BatchRun",
     "BatchSummary",
     "Outcome",
+    "batch_settings",
     "default_batch_id",
     "rerun_params",
     "shard_prompts",
@@ -180,6 +182,21 @@ def rerun_params(
     )
 
 
+def batch_settings(run: BatchRun, batch_id: str, output_uri: str) -> dict:
+    """What the batch was run with, kept beside it for reruns (paths made absolute)."""
+
+    def absolute(source: str) -> str:
+        return source if "://" in source else str(Path(source).resolve())
+
+    return {
+        **run.model_dump(mode="json"),
+        "prompts": absolute(run.prompts),
+        "config": absolute(run.config) if run.config else None,
+        "batch_id": batch_id,
+        "output": output_uri,
+    }
+
+
 def default_batch_id(source: str, day: date) -> str:
     """``<prompt file stem>-<YYYY-MM-DD>``, reduced to the characters ids may hold."""
     stem = PurePosixPath(source.replace("\\", "/")).name.split(".")[0]
@@ -273,7 +290,7 @@ def summarize(
 
 
 def _blank_hint(blocked: list[PromptRecord]) -> str:
-    blank = sum(1 for r in blocked if r.error and "blank" in r.error)
+    blank = sum(1 for r in blocked if r.error_kind == "BlankImage")
     if blocked and blank == len(blocked):
         return ": every one a blank image, the provider's silent filter?"
     return ""
@@ -284,7 +301,7 @@ def _nothing_published(fresh: list[PromptRecord], blocked: list[PromptRecord]) -
         if _blank_hint(blocked):
             return "nothing published: every image came back blank, the provider's silent filter?"
         return "nothing published: the providers refused every prompt"
-    faulty = [r for r in fresh if r.error and "blank images" in r.error]
+    faulty = [r for r in fresh if r.error_kind == FAULTY_PROVIDER]
     if faulty:
         return (
             "nothing published: a provider returned blank images prompt after prompt and was "

@@ -221,7 +221,7 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
     if quiet:  # the terminal shows warnings and errors; the server still gets every log line
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     show_bar = not quiet and sys.stderr.isatty()
     with _prefect_server(), _progress_bar(enabled=show_bar):
@@ -319,7 +319,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.file)))
-    from flows.deployments import load_deployments
+    from imagebatch.flows.deployments import load_deployments
 
     try:
         deployments = load_deployments(args.file)
@@ -399,7 +399,7 @@ def _with_saved_blocks(config, command: str):
         "server they are saved on"
     ):
         return None
-    from blocks.providers import resolve_provider_blocks
+    from imagebatch.blocks.providers import resolve_provider_blocks
 
     try:
         resolved, _keys = asyncio.run(resolve_provider_blocks(config))
@@ -435,7 +435,7 @@ def _cmd_limits_sync(args: argparse.Namespace) -> int:
     config = _with_saved_blocks(inputs[0], "limits sync")
     if config is None:
         return EXIT_INPUT
-    from tasks.limits import sync_limits
+    from imagebatch.prefect.limit_admin import sync_limits
 
     done = asyncio.run(sync_limits(config, Settings().time_scale))
     for spec, what in done:

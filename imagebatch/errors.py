@@ -32,6 +32,10 @@
                 ├── DeadlineReached the batch's deadline
                 └── QuotaGone       every provider's daily quota is used up
 
+A record that ends without images stores its error's kind (:func:`error_kind`: the class name,
+or ``FaultyProvider`` for a chain emptied by a provider that sent blank images prompt after
+prompt), and the night's outcome is judged from the kinds, never from the messages.
+
 Messages never carry secrets: adapters build them from the server's message, never from
 request headers or client configuration.
 """
@@ -39,6 +43,7 @@ request headers or client configuration.
 from __future__ import annotations
 
 __all__ = [
+    "FAULTY_PROVIDER",
     "AuthenticationFailed",
     "BadImage",
     "BatchLockedError",
@@ -58,6 +63,7 @@ __all__ = [
     "PromptFileError",
     "ProviderConnectionError",
     "ProviderError",
+    "error_kind",
     "ProviderNotConfigured",
     "ProviderOverloaded",
     "ProviderServerError",
@@ -217,7 +223,14 @@ class InvalidRequest(GiveUpError):
 
 
 class ProvidersExhausted(GiveUpError):
-    """Every provider in the chain declined this prompt (auth, model gone, not configured)."""
+    """Every provider in the chain declined this prompt (auth, model gone, not configured).
+
+    ``faulty``: one of them was taken out for sending blank images prompt after prompt.
+    """
+
+    def __init__(self, message: str, *, faulty: bool = False, **kwargs):
+        super().__init__(message, **kwargs)
+        self.faulty = faulty
 
 
 class NotTried(GiveUpError):
@@ -236,3 +249,15 @@ class DeadlineReached(NotTried):
 
 class QuotaGone(NotTried):
     """Every provider's daily quota is used up until its reset."""
+
+
+#: the kind of a prompt that failed because a provider sending blank images emptied the chain
+FAULTY_PROVIDER = "FaultyProvider"
+
+
+def error_kind(error: BaseException) -> str:
+    """What ended a prompt, as its record stores it: the error's class name (``BlankImage``,
+    ``ProvidersExhausted``, ``BudgetReached``, ...), or :data:`FAULTY_PROVIDER`."""
+    if isinstance(error, ProvidersExhausted) and error.faulty:
+        return FAULTY_PROVIDER
+    return type(error).__name__

@@ -139,6 +139,10 @@ class PromptRecord(BaseModel):
     cost_usd: float = 0.0
     objects: list[StoredObject] = Field(default_factory=list)
     error: str | None = None
+    error_kind: str | None = Field(
+        default=None,
+        description="What ended the prompt, for the night's outcome (see imagebatch.errors)",
+    )
     resumed: bool = False
     reused_from: str | None = Field(
         default=None, description="The success record whose images this prompt reused"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from imagebatch.config import BatchConfig
-from imagebatch.errors import GiveUpError, ProviderError, RetryableError
+from imagebatch.errors import GiveUpError, ProviderError, RetryableError, error_kind
 from imagebatch.imaging import (
     ALGORITHMIC_SOURCE_TYPE,
     DIGITAL_SOURCE_TYPE,
@@ -226,6 +226,7 @@ class BatchRuntime:
             provider=last_provider.provider if last_provider else None,
             attempts=list(self.attempts[prompt.id]),
             error=str(error),
+            error_kind=error_kind(error),
             batch_id=self.batch_id,
             finished_at=datetime.now(UTC),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.providers import resolve_provider_blocks as _resolve_provider_blocks
+from imagebatch.blocks.providers import resolve_provider_blocks as _resolve_provider_blocks
 from imagebatch.config import BatchConfig
 from imagebatch.config import load_config as _load_config
 from imagebatch.prompts import PromptLoad

@@ -1,97 +1,50 @@
-"""A split night's shards: flow runs of the nightly deployment, started and watched by its parent.
-
-Each shard is a run of the deployment (``run_deployment``), so any worker of its work pool may
-take it, each in a process of its own, and the UI shows it under the parent as a subflow run.
-A shard whose process died is marked Crashed: by its worker when only the flow-run process
-died, or by the zombie automation (``automations/zombies.yaml``) when its heartbeats stop
-because the whole machine went. The parent then starts the shard again; the shard's records
-make the new run resume (only what was in flight when it died is paid for twice).
-"""
+"""Tasks of a split night's parent."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from uuid import UUID
+import asyncio
+from datetime import UTC, datetime
 
-from prefect import get_client
-from prefect.client.schemas.objects import FlowRun
-from prefect.context import FlowRunContext
-from prefect.deployments import arun_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from imagebatch.batch import BatchRun
-from imagebatch.errors import ConfigError
+from imagebatch.batch import shard_prompts
+from imagebatch.models import Prompt, PromptRecord
+from imagebatch.prefect.shards import Shard
+from imagebatch.records import RecordStore
 
-__all__ = ["SHARD_DEPLOYMENT", "Shard", "read_shards", "shard_deployment", "start_shard"]
-
-#: the deployment a split night started outside a deployment (the CLI) sends its shards to;
-#: ``IMAGEBATCH_SHARD_DEPLOYMENT`` names another
-SHARD_DEPLOYMENT = "nightly-batch/nightly"
-#: every shard's tag (the zombie automation matches it) and its heartbeat interval (seconds)
-SHARD_TAG = "imagebatch-shard"
-HEARTBEAT_S = 30
+__all__ = ["record_unsettled"]
 
 
-@dataclass
-class Shard:
-    """One share of a split night and the flow runs that worked on it (the last is current)."""
+@task(name="record_unsettled", cache_policy=NO_CACHE, persist_result=False)
+async def record_unsettled(
+    store: RecordStore, shards: list[Shard], prompts: list[Prompt], batch_id: str
+) -> int:
+    """A skipped record, naming its shard's end, for every prompt no shard settled (a shard
+    that crashed more often than it is restarted, ran out of the deadline, or failed before
+    its prompts): the manifest lists every prompt of the night.
 
-    index: int  # 0-based
-    params: BatchRun
-    runs: list[FlowRun] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return self.params.shard_label()
-
-    @property
-    def current(self) -> FlowRun:
-        return self.runs[-1]
-
-
-async def shard_deployment(shards: int) -> UUID:
-    """Where the shards go: the deployment this run belongs to, or else the one
-    ``IMAGEBATCH_SHARD_DEPLOYMENT`` names (``nightly-batch/nightly`` by default)."""
-    context = FlowRunContext.get()
-    own = context.flow_run.deployment_id if context and context.flow_run else None
-    if own:
-        return own
-    name = os.environ.get("IMAGEBATCH_SHARD_DEPLOYMENT") or SHARD_DEPLOYMENT
-    async with get_client() as client:
-        try:
-            return (await client.read_deployment_by_name(name)).id
-        except ObjectNotFound:
-            raise ConfigError(
-                f"a night split into {shards} shards runs them as flow runs of the deployment "
-                f"{name!r}, which this Prefect server does not have: deploy it (`prefect deploy "
-                "--all` in the project directory), start workers of its pool (`prefect worker "
-                "start --pool imagebatch`), or name another in IMAGEBATCH_SHARD_DEPLOYMENT",
-                source="run",
-                key="shards",
-            ) from None
-
-
-async def start_shard(deployment_id: UUID, shard: Shard, night: str) -> FlowRun:
-    """A new flow run of the deployment for ``shard``, a subflow run of this run; returned at
-    once (its worker starts it)."""
-    started = await arun_deployment(
-        name=deployment_id,
-        parameters={"run": shard.params.model_dump(mode="json", exclude_none=True)},
-        flow_run_name=f"{night} · {shard.label}",
-        timeout=0,
-        as_subflow=True,
-        tags=[SHARD_TAG],
-        # heartbeats every 30 s, whatever the worker's environment: the zombie automation
-        # (automations/zombies.yaml) marks a shard Crashed after 90 s without one
-        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
-    )
-    shard.runs.append(started)
-    return started
-
-
-async def read_shards(shards: list[Shard]) -> None:
-    """Refresh each shard's current flow run (its state) from the server."""
-    async with get_client() as client:
-        for shard in shards:
-            shard.runs[-1] = await client.read_flow_run(shard.current.id)
+    Returns:
+        How many prompts were recorded skipped.
+    """
+    recorded = await asyncio.to_thread(store.recorded_ids)
+    written = 0
+    for shard in shards:
+        ended = shard.current.state
+        why = f"{ended.name}: {(ended.message or '').strip()[:200]}" if ended else "unknown"
+        for prompt in shard_prompts(prompts, shard.index, len(shards)):
+            if prompt.id not in recorded:
+                record = PromptRecord(
+                    id=prompt.id,
+                    status="skipped",
+                    error=(
+                        f"{shard.label} ended before it settled this prompt (its run "
+                        f"{shard.current.name} ended {why}); run the batch again to finish it"
+                    ),
+                    error_kind="shard_ended",
+                    batch_id=batch_id,
+                    finished_at=datetime.now(UTC),
+                )
+                await asyncio.to_thread(store.write_failure, record)
+                written += 1
+    return written

@@ -57,7 +57,7 @@ def test_a_failed_night_a_missed_night_and_a_provider_down_reach_the_webhook(
     from prefect import get_client
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()

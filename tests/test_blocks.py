@@ -12,7 +12,8 @@ import time
 import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from blocks.providers import (
+from imagebatch.batch import BatchRun
+from imagebatch.blocks.providers import (
     BLOCK_TYPES,
     GeminiProviderBlock,
     OpenAIProviderBlock,
@@ -20,7 +21,6 @@ from blocks.providers import (
     VertexEndpointProviderBlock,
     VertexGeminiProviderBlock,
 )
-from imagebatch.batch import BatchRun
 from imagebatch.emulator import EmulatorProfile, EmulatorServer, ProviderProfile
 from tests.conftest import ROOT
 
@@ -79,7 +79,7 @@ def test_block_becomes_a_chain_entry_with_its_key_kept_apart():
 def test_registered_block_drives_a_batch_without_leaking_its_key(tmp_path, prefect_server):
     secret = "block-held-key-7f3a9c"
     registered = subprocess.run(
-        [sys.executable, "-m", "prefect", "block", "register", "-m", "blocks.providers"],
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "imagebatch.blocks.providers"],
         cwd=ROOT,
         env={**os.environ, "PREFECT_API_URL": prefect_server},
         capture_output=True,
@@ -90,7 +90,7 @@ def test_registered_block_drives_a_batch_without_leaking_its_key(tmp_path, prefe
     for block_type in BLOCK_TYPES.values():
         assert block_type.get_block_type_name() in registered.stdout
 
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     profile = EmulatorProfile(providers={"primary": ProviderProfile(api_key=secret)})
     with EmulatorServer(profile) as server:
@@ -143,7 +143,7 @@ def test_registered_block_drives_a_batch_without_leaking_its_key(tmp_path, prefe
 
 @pytest.mark.flow
 def test_missing_block_fails_the_batch_naming_the_key(tmp_path, prefect_server):
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -197,10 +197,10 @@ def test_limits_sync_and_plan_read_the_saved_block_as_a_run_does(tmp_path, prefe
     assert "limit 3" in sync.stdout  # the block's own max_in_flight
 
     from imagebatch.config import load_config
-    from tasks.limits import check_shared_limits
+    from imagebatch.tasks.limits import check_shared_limits
 
     async def the_flow_finds_them():
-        from blocks.providers import resolve_provider_blocks
+        from imagebatch.blocks.providers import resolve_provider_blocks
 
         resolved, _ = await resolve_provider_blocks(load_config(config))
         return await check_shared_limits(resolved, 1.0, str(config))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.deployments import read_definitions
 from imagebatch.errors import ConfigError
+from imagebatch.flows.deployments import read_definitions
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.flow

@@ -38,7 +38,7 @@ renditions: [{{name: o, format: png}}]
 
 
 def test_contact_sheet_and_table_for_prompts_by_providers(tmp_path, prefect_server, monkeypatch):
-    from flows.compare_providers import compare_providers
+    from imagebatch.flows.compare_providers import compare_providers
 
     monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
     profile = EmulatorProfile(

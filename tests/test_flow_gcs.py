@@ -41,7 +41,7 @@ def _write_prompts(path: Path, prompts: dict[str, dict]) -> str:
 
 
 def _run(**params):
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     return asyncio.run(nightly_batch(run=BatchRun(**params), return_state=True))
 

@@ -39,7 +39,7 @@ def batch(tmp_path: Path, prefect_server: str):
         source.write_text(
             "".join(json.dumps({"id": k, "prompt": v}) + "\n" for k, v in prompts.items())
         )
-        from flows.nightly_batch import nightly_batch
+        from imagebatch.flows.nightly_batch import nightly_batch
 
         params = BatchRun(
             prompts=str(source),
@@ -277,7 +277,7 @@ def test_the_nights_contact_sheet_shows_the_first_prompts_and_every_one_that_fai
 
 
 def test_bad_prompt_file_fails_before_anything_is_generated(tmp_path, prefect_server):
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     source = tmp_path / "bad.jsonl"
     source.write_text('{"prompt": "fine"}\n{"prompt": 42, "oops": 1}\n')
@@ -333,7 +333,7 @@ def test_rerun_resumes_done_prompts_and_retries_the_failed(batch, scripted):
 
 
 def test_rerun_batch_flow_runs_only_the_unsettled_prompts(batch, scripted):
-    from flows.rerun_batch import rerun_batch
+    from imagebatch.flows.rerun_batch import rerun_batch
 
     calls = _reject_once(scripted, "p2")
     first, out = batch({"p1": "one", "p2": "two", "p3": "three"}, batch_id="rerun-flow")
@@ -365,7 +365,7 @@ def test_a_settled_prompt_leaves_nothing_in_prefects_result_map(batch, monkeypat
     flow drops a prompt's entries once it is settled, so memory does not grow with the batch."""
     from prefect.context import FlowRunContext
 
-    import flows.nightly_batch as module
+    import imagebatch.flows.nightly_batch as module
 
     linked_runs: list[set] = []
     publish_report = module.publish_report

@@ -47,7 +47,7 @@ renditions: [{{name: o, format: png}}]
 def test_each_provider_is_probed_once_and_its_health_recorded(
     tmp_path, prefect_server, monkeypatch
 ):
-    from flows.provider_health import provider_health
+    from imagebatch.flows.provider_health import provider_health
 
     monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
     profile = EmulatorProfile(

@@ -68,7 +68,7 @@ def run_batch(tmp_path, prefect_server, monkeypatch):
                 for i in range(prompts)
             )
         )
-        from flows.nightly_batch import nightly_batch
+        from imagebatch.flows.nightly_batch import nightly_batch
 
         params = BatchRun(
             prompts=str(tmp_path / "p.jsonl"),
@@ -264,7 +264,7 @@ def test_two_accounts_of_one_model_share_the_night_on_the_defaults(
 ):
     """What a new user writes (quotas only, no in-flight caps, no spill-over): both accounts
     work at once, each at its own pace, and neither gets a 429."""
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
     monkeypatch.setenv("IMAGEBATCH_TIME_SCALE", "10")

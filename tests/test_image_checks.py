@@ -102,7 +102,7 @@ def test_bad_images_are_retried_and_move_the_prompt_to_the_backup(
 ):
     """Two off-shape images from the primary: the third attempt goes to the backup, whose 3:2
     answer to a 16:9 prompt (its nearest size) passes and is cropped to 16:9."""
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
     profile = EmulatorProfile(

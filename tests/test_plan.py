@@ -136,8 +136,8 @@ def test_plan_command_prints_the_estimate(tmp_path):
 def test_a_dry_run_of_the_flow_publishes_the_plan_and_generates_nothing(tmp_path, prefect_server):
     from prefect import get_client
 
-    from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(95)))

@@ -60,7 +60,7 @@ def test_shards_take_every_prompt_once_and_evenly():
 def test_a_split_night_without_its_deployment_says_what_to_deploy_and_writes_nothing(
     tmp_path, prefect_server, monkeypatch
 ):
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     monkeypatch.setenv("IMAGEBATCH_SHARD_DEPLOYMENT", "nightly-batch/not-deployed")
     run = BatchRun(output=str(tmp_path / "out"), batch_id="split-0", shards=2)
@@ -107,7 +107,7 @@ async def _setup(tmp_path: Path) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from flows.nightly_batch import nightly_batch
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     async with get_client() as client:
         with contextlib.suppress(ObjectAlreadyExists):
@@ -293,10 +293,10 @@ def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(tmp_p
     from prefect.client.schemas.objects import FlowRun
     from prefect.states import Completed, Crashed
 
-    from flows.nightly_batch import _record_unsettled
+    from imagebatch.prefect.shards import Shard
     from imagebatch.records import RecordStore
     from imagebatch.storage import open_sink
-    from tasks.shards import Shard
+    from imagebatch.tasks.shards import record_unsettled
 
     prompts = [Prompt(id=f"p{i}", prompt=f"prompt {i}") for i in range(4)]
     store = RecordStore(open_sink(str(tmp_path)), "night")
@@ -309,7 +309,7 @@ def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(tmp_p
         store.write_failure(
             PromptRecord(id=pid, status="failed", batch_id="night", finished_at=datetime.now(UTC))
         )
-    asyncio.run(_record_unsettled(store, shards, prompts, "night"))
+    assert asyncio.run(record_unsettled.fn(store, shards, prompts, "night")) == 1
     assert store.read("p1").status == "failed"  # a record of its own is kept
     left = store.read("p3")
     assert left.status == "skipped"
@@ -326,7 +326,7 @@ def test_the_report_links_every_retried_prompts_task_run_past_one_page_of_the_ap
     returns (200 runs) still links each one's generate task run."""
     from prefect import flow, task
 
-    from tasks.report import _generate_task_runs
+    from imagebatch.prefect.runs import generate_task_run_links
 
     @task(task_run_name="generate-{pid}")
     def generate(pid: str) -> str:
@@ -360,7 +360,7 @@ def test_the_report_links_every_retried_prompts_task_run_past_one_page_of_the_ap
         while await recorded(flow_run.id) < 150:
             assert time.monotonic() < deadline, "the server did not record the task runs"
             await asyncio.sleep(0.2)
-        return await _generate_task_runs([f"p{i:03d}" for i in range(150)])
+        return await generate_task_run_links([f"p{i:03d}" for i in range(150)])
 
     links = asyncio.run(night())
     assert sorted(links) == [f"p{i:03d}" for i in range(150)]

@@ -102,7 +102,8 @@ def test_time_scale_shortens_the_window_and_providers_without_rates_share_in_fli
 
 
 def test_news_merges_keep_the_later_pause_and_the_later_circuit_and_ceiling_change():
-    from tasks.limits import _merge_news, news_name
+    from imagebatch.prefect.news import merge_news as _merge_news
+    from imagebatch.prefect.news import news_name
 
     current = {"paused_until": 100.0, "circuit": "opened", "circuit_at": 50.0}
     # an earlier pause and an older circuit change lose: nothing to write
@@ -135,8 +136,8 @@ def test_a_read_racing_a_write_does_not_bring_back_the_change_before_it():
     its own circuit again. Only a change later than any seen or made counts."""
     from types import SimpleNamespace
 
+    from imagebatch.prefect.shared_limits import PrefectSharedLimits
     from imagebatch.resilience import LimitSpec
-    from tasks.limits import PrefectSharedLimits
 
     limits = PrefectSharedLimits([LimitSpec("imagebatch-p-local-m-in-flight", "p", "in-flight", 1)])
 
@@ -153,8 +154,8 @@ def test_a_read_racing_a_write_does_not_bring_back_the_change_before_it():
 
 
 def _run_flow(config_path, prompts_path, out, batch_id):
-    from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     params = BatchRun(
         prompts=str(prompts_path), config=str(config_path), output=str(out), batch_id=batch_id
@@ -167,7 +168,7 @@ def test_missing_shared_limits_fail_the_batch_before_any_request(
     tmp_path, prefect_server, monkeypatch
 ):
     from imagebatch.config import load_config
-    from tasks.limits import sync_limits
+    from imagebatch.prefect.limit_admin import sync_limits
 
     monkeypatch.setenv("EMULATOR_KEY", "emulator-key")
     with EmulatorServer(EmulatorProfile(providers={"primary": ProviderProfile()})) as server:
@@ -358,7 +359,7 @@ routing: {{failover_after: 3, probe_interval_s: {probe}}}
 
 def _news(prefect_api: str, config, provider: str) -> dict:
     """The provider's news variable as the workers wrote it ({} before the first write)."""
-    from tasks.limits import news_name
+    from imagebatch.prefect.news import news_name
 
     specs = shared_limit_specs(parse_config(config.read_text(), source=str(config)))
     prefix = next(s.name for s in specs if s.provider == provider and s.kind == "in-flight")
@@ -557,7 +558,7 @@ def test_two_workers_learn_a_lower_quota_for_one_429_each_more_than_one_worker(
 _HOLDER = """
 import asyncio, sys
 from imagebatch.resilience import LimitSpec
-from tasks.limits import PrefectSharedLimits
+from imagebatch.prefect.shared_limits import PrefectSharedLimits
 
 async def hold():
     limits = PrefectSharedLimits([LimitSpec(sys.argv[1], "p", "in-flight", 1)])

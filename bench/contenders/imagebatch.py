@@ -75,8 +75,8 @@ FINISH_BY_MIN = 18.0
 
 def main() -> None:
     args = arguments(__doc__.split("\n\n")[0])
-    from flows.nightly_batch import nightly_batch
     from imagebatch.batch import BatchRun
+    from imagebatch.flows.nightly_batch import nightly_batch
 
     work = Path(args.work)
     config = work / "config.yaml"

@@ -73,6 +73,7 @@ class Lane:
     used: bool = False  # whether this run sent it anything (only then is its health recorded)
     blank_streak: int = 0  # prompts in a row it answered with a blank image
     group: str = ""  # providers of one group (the same model) share prompts
+    faulty: bool = False  # taken out for sending blank images prompt after prompt
 
 
 @dataclass
@@ -572,6 +573,7 @@ class Router:
         if isinstance(exc, ContentRefused):
             lane.blank_streak = lane.blank_streak + 1 if isinstance(exc, BlankImage) else 0
             if lane.blank_streak >= BLANK_STREAK_FAULTY and lane.disabled is None:
+                lane.faulty = True
                 lane.disabled = (
                     f"it returned blank images for {lane.blank_streak} prompts in a row (a silent "
                     "filter gone wrong, or a fault): not used for the rest of the run"
@@ -639,6 +641,7 @@ class Router:
             return ProvidersExhausted(
                 f"every provider in the chain declined: {reasons}",
                 http_status=last.http_status if last else None,
+                faulty=any(lane.faulty for lane in self.lanes),
             )
         return QuotaGone("every provider's daily quota is used up until its reset")
 

@@ -1,0 +1,1 @@
+"""The adapter that talks to the Prefect server."""
