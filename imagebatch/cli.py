@@ -40,40 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "prompts", metavar="PROMPTS", help="prompt file: .jsonl, .csv or .yaml (path or gs://)"
     )
-    run.add_argument("--config", metavar="FILE", help="config YAML (default: embedded, offline)")
-    run.add_argument(
-        "--output",
-        metavar="DIR_OR_URI",
-        help="a directory or gs://BUCKET/PREFIX (default: the config's output)",
-    )
-    run.add_argument(
-        "--gcs-block", metavar="NAME", help="publish to this saved GcsBucket block instead"
-    )
-    run.add_argument(
-        "--batch-id", metavar="ID", help="resume this batch (default: <prompt file name>-<date>)"
-    )
-    run.add_argument(
-        "--skip-bad-rows", action="store_true", help="skip and report malformed prompt rows"
-    )
-    run.add_argument("--max-in-flight", type=int, metavar="N", help="prompts worked on at once")
-    run.add_argument("--budget-usd", type=float, metavar="USD", help="spend cap for this run")
-    run.add_argument(
-        "--deadline-s", type=float, metavar="S", help="send nothing new after this many seconds"
-    )
-    run.add_argument(
-        "--finish-by",
-        metavar="TIME",
-        help="finish by this time ('06:00', '06:00 Europe/Berlin' or ISO): prompts go down the "
-        "chain as soon as the preferred providers alone would miss it",
-    )
-    run.add_argument(
-        "--shards",
-        type=int,
-        default=1,
-        metavar="N",
-        help="split the night into N runs of the nightly deployment on its work pool's workers "
-        "(needs PREFECT_API_URL, the deployment and running workers; default 1: this process)",
-    )
+    _add_run_fields(run)
     run.add_argument(
         "--quiet", action="store_true", help="print only warnings, errors and the summary"
     )
@@ -158,6 +125,64 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: BatchRun fields that are not ``run`` flags: the positional PROMPTS, the field a split
+#: night's parent sets for its shards, and the plan (``imagebatch plan``)
+_NOT_FLAGS = {"prompts", "shard", "dry_run"}
+_METAVARS = {
+    "config": "FILE",
+    "output": "DIR_OR_URI",
+    "gcs_block": "NAME",
+    "batch_id": "ID",
+    "budget_usd": "USD",
+    "deadline_s": "S",
+    "finish_by": "TIME",
+}
+
+
+def _add_run_fields(parser: argparse.ArgumentParser) -> None:
+    """A flag per field of the nightly flow's form (:class:`imagebatch.batch.BatchRun`), with
+    the form's description as its help: the CLI and the UI take the same run."""
+    from imagebatch.batch import BatchRun
+
+    for name, field in BatchRun.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "").replace("%", "%%")
+        kind = _scalar_type(field.annotation)
+        if kind is bool:
+            action = "store_true" if field.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=field.default, help=help_text)
+            continue
+        if field.default is not None:
+            help_text += f" (default {field.default})"
+        parser.add_argument(
+            flag,
+            type=kind if kind in (int, float) else str,
+            default=field.default,
+            metavar=_METAVARS.get(name, "N"),
+            help=help_text,
+        )
+
+
+def _scalar_type(annotation) -> type:
+    """``int`` for ``int | None``, ``str`` for anything that is not a number or a bool."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    for candidate in (annotation, *args):
+        if candidate in (bool, int, float):
+            return candidate
+    return str
+
+
+def _run_fields(args: argparse.Namespace) -> dict:
+    from imagebatch.batch import BatchRun
+
+    return {name: getattr(args, name) for name in BatchRun.model_fields if name not in _NOT_FLAGS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return args.handler(args)
@@ -169,19 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from imagebatch.batch import BatchRun
 
     try:
-        params = BatchRun(
-            prompts=args.prompts,
-            config=args.config,
-            output=args.output,
-            gcs_block=args.gcs_block,
-            batch_id=args.batch_id,
-            skip_bad_rows=args.skip_bad_rows,
-            max_in_flight=args.max_in_flight,
-            budget_usd=args.budget_usd,
-            deadline_s=args.deadline_s,
-            finish_by=args.finish_by,
-            shards=args.shards,
-        )
+        params = BatchRun(prompts=args.prompts, **_run_fields(args))
     except ValidationError as exc:
         err = exc.errors()[0]
         print(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
@@ -212,19 +225,13 @@ def _run_flow(params: BatchRun, *, quiet: bool) -> int:
 
     if not _inputs_ok(params):  # before anything starts: a bad file costs a second, not 20
         return EXIT_INPUT
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # without PREFECT_API_URL Prefect starts a temporary server; a first start migrates its
-    # database, which takes longer than Prefect's 20 s default on a small machine
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # that temporary server is stopped at exit mid-flush and logs tracebacks about its own
-    # shutdown; this affects only a server started by this process, never a real one
-    os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
-    if quiet:  # the terminal shows warnings and errors; the server still gets every log line
-        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    from imagebatch.prefect.temporary_server import prepare_environment, recording_server
+
+    prepare_environment(quiet=quiet)
     from imagebatch.flows.nightly_batch import nightly_batch
 
     show_bar = not quiet and sys.stderr.isatty()
-    with _prefect_server(), _progress_bar(enabled=show_bar):
+    with recording_server(), _progress_bar(enabled=show_bar):
         state = asyncio.run(nightly_batch(run=params, return_state=True))
     result = state.result(raise_on_failure=False)
 
@@ -252,66 +259,6 @@ def _inputs_ok(params: BatchRun) -> bool:
         print(f"error: {exc}", file=sys.stderr)
         return False
     return True
-
-
-@contextmanager
-def _prefect_server() -> Iterator[None]:
-    """The Prefect server the run records to: ``PREFECT_API_URL``'s, or else a temporary one
-    that ends with this process however it ends (a watchdog stops it if this process is
-    killed, where no exit handler runs)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    import subprocess
-
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-    process = server.server_process
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(process.pid if process else 0)],
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C to this terminal's group does not end it early
-    )
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        # what the run logged and emitted reaches the server before it stops
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        for worker in (APILogWorker, EventsWorker):
-            worker.drain_all(timeout=5)
-        server.stop()
-        watchdog.kill()
-        watchdog.wait()
-
-
-#: run beside a temporary server: when the CLI (argv 1) is gone, stop the server (argv 2)
-_WATCHDOG = """
-import os, signal, sys, time
-parent, server = int(sys.argv[1]), int(sys.argv[2])
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-while os.getppid() == parent and alive(server):
-    time.sleep(0.5)
-if alive(server):
-    os.kill(server, signal.SIGTERM)
-    for _ in range(20):
-        time.sleep(0.25)
-        if not alive(server):
-            break
-    else:
-        os.kill(server, signal.SIGKILL)
-"""
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

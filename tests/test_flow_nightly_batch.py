@@ -365,7 +365,7 @@ def test_a_settled_prompt_leaves_nothing_in_prefects_result_map(batch, monkeypat
     flow drops a prompt's entries once it is settled, so memory does not grow with the batch."""
     from prefect.context import FlowRunContext
 
-    import imagebatch.flows.nightly_batch as module
+    import imagebatch.flows.night_end as module  # where every night ends
 
     linked_runs: list[set] = []
     publish_report = module.publish_report

@@ -558,6 +558,9 @@ def test_a_provider_that_sends_three_blank_images_in_a_row_is_out_for_the_night(
     results = [_attempt(router, sim, Prompt(id=f"p{i}", prompt="x"), blank) for i in range(4)]
     assert [r.final_status for r, _ in results] == ["blocked", "blocked", "failed", "failed"]
     assert "blank images for 3 prompts in a row" in str(results[3][0])
+    # the records say so by kind, which is what the night's outcome is judged from
+    kinds = [errors.error_kind(r) for r, _ in results]
+    assert kinds == ["BlankImage", "BlankImage", errors.FAULTY_PROVIDER, errors.FAULTY_PROVIDER]
 
 
 # ---------------------------------------------------------------- circuit breaker

@@ -158,19 +158,29 @@ def _judge(records: list[PromptRecord], resumed: set[str] = frozenset()):
 
 
 def test_a_night_that_published_nothing_or_mostly_blank_images_is_failed():
-    blank = "ContentRefused: the image is blank or near-uniform (1024x1024, grey-level std dev 0.0)"
+    blank = "BlankImage: the image is blank or near-uniform (1024x1024, grey-level std dev 0.0)"
     allblank = _records("blocked", "blocked", "blocked", "blocked")
     for r in allblank:
-        r.error = blank
+        r.error, r.error_kind = blank, "BlankImage"
     summary = _judge(allblank)
     assert summary.outcome == "failed"
     assert "every image came back blank, the provider's silent filter?" in summary.message
+    # the outcome reads the kind, not the message: a refusal that mentions "blank" is a refusal
+    worded = _records("blocked", "blocked")
+    for r in worded:
+        r.error, r.error_kind = "ContentRefused: a blank canvas was asked for", "ContentRefused"
+    assert "refused every prompt" in _judge(worded).message
     refused = _judge(_records("blocked", "blocked"))
     assert refused.outcome == "failed" and "refused every prompt" in refused.message
     # more than half blocked is not a normal night, even with some images published
     mostly = _judge(_records("succeeded", "blocked", "blocked", "blocked"))
     assert mostly.outcome == "failed" and "over the blocked threshold of 50%" in mostly.message
     assert _judge(_records("succeeded", "succeeded", "blocked")).outcome == "completed"
+    faulty = _records("blocked", "failed", "failed")
+    faulty[0].error_kind = "BlankImage"
+    for r in faulty[1:]:
+        r.error_kind = "FaultyProvider"
+    assert "returned blank images prompt after prompt" in _judge(faulty).message
     nothing = _judge(_records("failed", "failed", "skipped"))
     assert nothing.outcome == "failed" and "no prompt of this run succeeded" in nothing.message
 

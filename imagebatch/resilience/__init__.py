@@ -24,7 +24,9 @@ from imagebatch.resilience.health import (
     MemoryHealthStore,
     ProviderHealth,
 )
-from imagebatch.resilience.router import AttemptInfo, Emit, Lane, Router
+from imagebatch.resilience.lane import AttemptInfo, Lane
+from imagebatch.resilience.pace import Pace
+from imagebatch.resilience.router import Emit, Router
 from imagebatch.resilience.shared import (
     SHARED_PACE_SLACK_S,
     LimitSpec,
@@ -35,11 +37,14 @@ from imagebatch.resilience.shared import (
     limit_prefix,
     shared_limit_specs,
 )
+from imagebatch.resilience.strategies import STRATEGIES, Cheapest, Priority, Strategy
 
 __all__ = [
     "SHARED_PACE_SLACK_S",
+    "STRATEGIES",
     "Admission",
     "AttemptInfo",
+    "Cheapest",
     "CircuitBreaker",
     "DailyAllowance",
     "FileHealthStore",
@@ -51,6 +56,8 @@ __all__ = [
     "MemoryHealthStore",
     "MemoryUsageStore",
     "NoSharedLimits",
+    "Pace",
+    "Priority",
     "ProviderGate",
     "ProviderHealth",
     "ProviderNews",
@@ -59,6 +66,7 @@ __all__ = [
     "SharedLimits",
     "SlotGivenUp",
     "SpendCap",
+    "Strategy",
     "Ticket",
     "UsageStore",
     "build_router",
@@ -140,7 +148,7 @@ def build_router(
     latencies = [p.limits.latency_s or DEFAULT_LATENCY_S for p in config.providers]
     return Router(
         lanes=lanes,
-        strategy=routing.strategy,
+        strategy=STRATEGIES[routing.strategy],
         move_prompt_after=routing.move_prompt_after,
         patience_s=routing.patience_s / time_scale,
         spill_over_s=None if routing.spill_over_s is None else routing.spill_over_s / time_scale,

@@ -15,9 +15,19 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-__all__ = ["FileHealthStore", "HealthStore", "MemoryHealthStore", "ProviderHealth"]
+if TYPE_CHECKING:
+    from imagebatch.resilience.lane import Lane
+
+__all__ = [
+    "FileHealthStore",
+    "HealthStore",
+    "MemoryHealthStore",
+    "ProviderHealth",
+    "lanes_health",
+    "start_lanes_from",
+]
 
 HealthState = Literal["healthy", "overloaded", "quota_exhausted", "auth_failing", "model_missing"]
 
@@ -80,3 +90,51 @@ class FileHealthStore:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(asdict(health), fh)
         os.replace(tmp, self.directory / f"health-{key}.json")
+
+
+def lanes_health(lanes: list[Lane], now: datetime) -> dict[str, ProviderHealth]:
+    """Each provider a run used, as the run leaves it (what the next batch starts from)."""
+    found = {}
+    for lane in lanes:
+        if not lane.used:
+            continue  # nothing learned: keep what was recorded before
+        ceiling = lane.gate.ceiling
+        if lane.disabled_state:
+            state, reason = lane.disabled_state, lane.disabled
+        elif not lane.daily.available():
+            state, reason = "quota_exhausted", "the day's requests are used up"
+        elif lane.circuit.state != "closed":
+            state, reason = "overloaded", "its circuit was open at the end of the run"
+        else:
+            state, reason = "healthy", None
+        found[lane.name] = ProviderHealth.now(
+            state,
+            now,
+            ceiling_rpm=ceiling,
+            reason=reason,
+            ceiling_at=now.astimezone(UTC).isoformat() if ceiling is not None else None,
+        )
+    return found
+
+
+def start_lanes_from(
+    lanes: list[Lane], recorded: dict[str, ProviderHealth], now: datetime
+) -> list[str]:
+    """Apply what earlier runs recorded to a new run's lanes; what was applied, in words."""
+    notes = []
+    for lane in lanes:
+        health = recorded.get(lane.name)
+        if health is None:
+            continue
+        scale = lane.gate.settings.time_scale
+        age = health.age_s(now) / scale  # in this run's clock seconds
+        if health.state == "overloaded" and age < lane.circuit.probe_interval_s:
+            lane.circuit.restore_open(age)
+            notes.append(
+                f"{lane.name} was overloaded {age * scale:.0f} s ago: it gets a probe first, "
+                f"in {lane.circuit.available_in() * scale:.0f} s"
+            )
+        if health.ceiling_rpm is not None and health.ceiling_age_s(now) < CEILING_TTL_S:
+            lane.gate.restore_ceiling(health.ceiling_rpm)
+            notes.append(f"{lane.name} starts at its learned ceiling of {health.ceiling_rpm:g} RPM")
+    return notes
