@@ -63,7 +63,6 @@ __all__ = [
     "PromptFileError",
     "ProviderConnectionError",
     "ProviderError",
-    "error_kind",
     "ProviderNotConfigured",
     "ProviderOverloaded",
     "ProviderServerError",
@@ -73,6 +72,7 @@ __all__ = [
     "RateLimited",
     "RetryableError",
     "StorageError",
+    "error_kind",
 ]
 
 
