@@ -106,7 +106,7 @@ async def split_night(
         )
         # the night's progress and files, from every prompt's record
         await _night_progress(store, ids, finished, progress, final=True)
-        await record_unsettled(store, shards, loaded.prompts, batch_id)
+        await record_unsettled(store, [s.end() for s in shards], loaded.prompts, batch_id)
         return await close_night(
             store=store,
             sink=sink,

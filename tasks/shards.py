@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imagebatch.batch import shard_prompts
 from imagebatch.models import Prompt, PromptRecord
-from imagebatch.prefect.shards import Shard
+from imagebatch.prefect.shards import ShardEnd
 from imagebatch.records import RecordStore
 
 __all__ = ["record_unsettled"]
@@ -18,7 +18,7 @@ __all__ = ["record_unsettled"]
 
 @task(name="record_unsettled", cache_policy=NO_CACHE, persist_result=False)
 async def record_unsettled(
-    store: RecordStore, shards: list[Shard], prompts: list[Prompt], batch_id: str
+    store: RecordStore, ends: list[ShardEnd], prompts: list[Prompt], batch_id: str
 ) -> int:
     """A skipped record, naming its shard's end, for every prompt no shard settled (a shard
     that crashed more often than it is restarted, ran out of the deadline, or failed before
@@ -29,17 +29,15 @@ async def record_unsettled(
     """
     recorded = await asyncio.to_thread(store.recorded_ids)
     written = 0
-    for shard in shards:
-        ended = shard.current.state
-        why = f"{ended.name}: {(ended.message or '').strip()[:200]}" if ended else "unknown"
-        for prompt in shard_prompts(prompts, shard.index, len(shards)):
+    for end in ends:
+        for prompt in shard_prompts(prompts, end.index, len(ends)):
             if prompt.id not in recorded:
                 record = PromptRecord(
                     id=prompt.id,
                     status="skipped",
                     error=(
-                        f"{shard.label} ended before it settled this prompt (its run "
-                        f"{shard.current.name} ended {why}); run the batch again to finish it"
+                        f"{end.label} ended before it settled this prompt (its run "
+                        f"{end.run_name} ended {end.why}); run the batch again to finish it"
                     ),
                     error_kind="shard_ended",
                     batch_id=batch_id,

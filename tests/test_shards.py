@@ -287,9 +287,13 @@ def test_a_night_split_over_a_work_pool_finishes_when_a_worker_dies_paying_only_
     print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill")
 
 
-def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(tmp_path):
+@pytest.mark.flow
+def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(
+    tmp_path, prefect_server
+):
     from uuid import uuid4
 
+    from prefect import flow
     from prefect.client.schemas.objects import FlowRun
     from prefect.states import Completed, Crashed
 
@@ -309,7 +313,12 @@ def test_a_prompt_no_shard_settled_is_recorded_skipped_with_its_shards_end(tmp_p
         store.write_failure(
             PromptRecord(id=pid, status="failed", batch_id="night", finished_at=datetime.now(UTC))
         )
-    assert asyncio.run(record_unsettled.fn(store, shards, prompts, "night")) == 1
+
+    @flow
+    async def parent() -> int:  # the task as the parent runs it: its arguments go to Prefect
+        return await record_unsettled(store, [shard.end() for shard in shards], prompts, "night")
+
+    assert asyncio.run(parent()) == 1
     assert store.read("p1").status == "failed"  # a record of its own is kept
     left = store.read("p3")
     assert left.status == "skipped"

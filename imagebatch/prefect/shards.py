@@ -23,7 +23,14 @@ from prefect.exceptions import ObjectNotFound
 from imagebatch.batch import BatchRun
 from imagebatch.errors import ConfigError
 
-__all__ = ["SHARD_DEPLOYMENT", "Shard", "read_shards", "shard_deployment", "start_shard"]
+__all__ = [
+    "SHARD_DEPLOYMENT",
+    "Shard",
+    "ShardEnd",
+    "read_shards",
+    "shard_deployment",
+    "start_shard",
+]
 
 #: the deployment a split night started outside a deployment (the CLI) sends its shards to;
 #: ``IMAGEBATCH_SHARD_DEPLOYMENT`` names another
@@ -31,6 +38,16 @@ SHARD_DEPLOYMENT = "nightly-batch/nightly"
 #: every shard's tag (the zombie automation matches it) and its heartbeat interval (seconds)
 SHARD_TAG = "imagebatch-shard"
 HEARTBEAT_S = 30
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    """How a shard's current run ended, in plain values (what a task may take)."""
+
+    index: int
+    label: str
+    run_name: str
+    why: str  # "<state name>: <message>"
 
 
 @dataclass
@@ -48,6 +65,11 @@ class Shard:
     @property
     def current(self) -> FlowRun:
         return self.runs[-1]
+
+    def end(self) -> ShardEnd:
+        ended = self.current.state
+        why = f"{ended.name}: {(ended.message or '').strip()[:200]}" if ended else "unknown"
+        return ShardEnd(self.index, self.label, self.current.name, why)
 
 
 async def shard_deployment(shards: int) -> UUID:
