@@ -198,7 +198,9 @@ def test_a_night_split_over_a_work_pool_finishes_when_a_worker_dies_paying_only_
     )
     assert created.returncode == 0, created.stdout + created.stderr
     workers: list[subprocess.Popen] = []
-    profile = EmulatorProfile(providers={"primary": ProviderProfile(latency_median_s=1.0)})
+    # calls of about 2 s: a shard whose worker process starts a few seconds after the other's
+    # is still at work when the first has published its three (at 1 s it once had finished)
+    profile = EmulatorProfile(providers={"primary": ProviderProfile(latency_median_s=2.0)})
     try:
         asyncio.run(_setup(tmp_path))
         with EmulatorServer(profile) as server:
