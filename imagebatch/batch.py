@@ -55,7 +55,8 @@ class BatchRun(BaseModel):
     batch_id: str | None = Field(
         default=None,
         pattern=SAFE_ID_PATTERN,
-        description="Same id resumes that batch; empty for '<prompt file name>-<date>'",
+        description="Same id resumes that batch; empty for the prompt file's name and the "
+        "run's date (prompts-2026-12-04)",
     )
     skip_bad_rows: bool = Field(
         default=False, description="Skip malformed prompt rows (reported) instead of failing"
@@ -262,13 +263,15 @@ def summarize(
     if why is None and total and unsettled / total > failure_threshold:
         why = f"over the failure threshold of {failure_threshold:.0%}"
     outcome: Outcome = "failed" if why is not None else "completed" if unsettled == 0 else "partial"
-    parts = [f"{counts['succeeded']} succeeded"]
-    parts += [f"{counts[s]} {s}" for s in ("blocked", "failed", "skipped") if counts[s]]
+    # each prompt counted once: what this run settled, then what earlier runs had
+    reused = sum(1 for r in fresh if r.reused_from)
+    now = Counter(r.status for r in fresh)
+    parts = []
+    if now["succeeded"] or not resumed:
+        parts.append(f"{now['succeeded']} succeeded" + (f" ({reused} reused)" if reused else ""))
+    parts += [f"{now[s]} {s}" for s in ("blocked", "failed", "skipped") if now[s]]
     if resumed:
         parts.append(f"{len(resumed)} resumed")
-    reused = sum(1 for r in records if r.reused_from and r.id not in resumed)
-    if reused:
-        parts.append(f"{reused} reused")
     message = f"{', '.join(parts)} of {total} prompts"
     if why is not None:
         message += f" ({why})"

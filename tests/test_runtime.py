@@ -185,6 +185,16 @@ def test_a_night_that_published_nothing_or_mostly_blank_images_is_failed():
     assert nothing.outcome == "failed" and "no prompt of this run succeeded" in nothing.message
 
 
+def test_the_outcome_message_counts_each_prompt_once():
+    done = _records("succeeded", "succeeded", "blocked")
+    assert _judge(done, resumed={"p0", "p1", "p2"}).message == "3 resumed of 3 prompts"
+    mixed = _records("succeeded", "succeeded", "succeeded", "succeeded", "failed", "blocked")
+    mixed[3].reused_from = "night-before"
+    summary = _judge(mixed, resumed={"p0", "p1"})
+    assert summary.message.startswith("2 succeeded (1 reused), 1 blocked, 1 failed, 2 resumed of 6")
+    assert summary.succeeded == 4  # the night's figure (its run name) counts every image it has
+
+
 def test_a_rerun_with_everything_done_and_a_night_served_by_reuse_are_not_failures():
     done = _records("succeeded", "succeeded", "blocked")
     assert _judge(done, resumed={"p0", "p1", "p2"}).outcome == "completed"
@@ -441,3 +451,13 @@ def test_the_report_shows_the_sheet_where_it_has_a_web_address_and_links_it_othe
     assert "![contact sheet of n1](https://signed.example/b/n1/contact-sheet.png?sig=1)" in shown
     assert "stops showing when the link expires" in shown
     assert "## Contact sheet" not in markdown_report(summary, records)
+
+
+def test_the_forms_help_texts_render_in_the_ui():
+    """The Prefect UI renders field descriptions as markdown and drops what looks like a tag
+    (``'<prompt file name>-<date>'`` showed as ``'-'``)."""
+    from imagebatch.batch import BatchRun
+
+    for name, field in BatchRun.model_fields.items():
+        text = field.description or ""
+        assert text and "<" not in text and ">" not in text, (name, text)
