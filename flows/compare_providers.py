@@ -17,7 +17,7 @@ from imagebatch.models import Prompt
 from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink, open_sink
-from imagebatch.tasks.generate import generate_image
+from imagebatch.tasks.generate import generate_image, refusal
 from imagebatch.tasks.load import load_config, load_prompts, resolve_provider_blocks
 
 
@@ -84,6 +84,9 @@ async def compare_providers(
                 outcome = Outcome(prompt.id, name)
                 try:
                     image = await generate(prompt, runtime)
+                    refused = await refusal(image)  # a Completed run named "Blocked"
+                    if refused is not None:
+                        raise refused
                     outcome.image, outcome.cost_usd = image.data, image.cost_usd
                 except ImageBatchError as exc:
                     outcome.error = str(exc)

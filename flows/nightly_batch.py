@@ -32,7 +32,7 @@ from imagebatch.progress import BatchProgress
 from imagebatch.runtime import BatchRuntime
 from imagebatch.settings import Settings
 from imagebatch.storage import Sink, open_sink
-from imagebatch.tasks.generate import generate_image
+from imagebatch.tasks.generate import generate_image, refusal
 from imagebatch.tasks.limits import check_shared_limits
 from imagebatch.tasks.load import load_config, load_prompts, resolve_provider_blocks
 from imagebatch.tasks.plan import plan_batch
@@ -214,6 +214,9 @@ async def _run_prompt(prompt: Prompt, runtime: BatchRuntime, generate: Task) -> 
     image = renditions = None
     try:
         image = await generate(prompt, runtime)
+        refused = await refusal(image)  # its task run is Completed, named "Blocked"
+        if refused is not None:
+            raise refused
         renditions = await process_image(prompt, image, runtime)
         record = await publish_images(prompt, image, renditions, runtime)
     except ImageBatchError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -155,3 +156,31 @@ def test_bad_images_are_retried_and_move_the_prompt_to_the_backup(
         # a blocked prompt does not fail a batch, but a night that published nothing does
         assert state.is_failed()
         assert "nothing published: every image came back blank" in state.message
+        # its generate task run is the provider's answer, not a fault: Completed, "Blocked"
+        generated = asyncio.run(_task_run_state(state.state_details.flow_run_id, "generate-shoe"))
+        assert (generated.type.value, generated.name) == ("COMPLETED", "Blocked")
+        assert "blank or near-uniform" in (generated.message or "")
+
+
+async def _task_run_state(flow_run_id, name: str, wait_s: float = 30.0):
+    """The final state of the flow run's task run ``name`` (the server records it a little
+    after the flow returns: asked again until it is final, within ``wait_s``)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    deadline = time.monotonic() + wait_s
+    async with get_client() as client:
+        while True:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])),
+            )
+            if runs and runs[0].state is not None and runs[0].state.is_final():
+                return runs[0].state
+            assert time.monotonic() < deadline, f"no final state for {name}: {runs}"
+            await asyncio.sleep(0.5)
