@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +81,18 @@ def gcs_bucket(gcs_server, monkeypatch, request) -> str:
     monkeypatch.setenv("IMAGEBATCH_STORAGE_RETRY_MAX_S", "0.2")
     monkeypatch.setenv("IMAGEBATCH_STORAGE_RETRY_DEADLINE_S", "20")
     return bucket
+
+
+@pytest.fixture(scope="module")
+def real_prefect_server(tmp_path_factory) -> Iterator[str]:
+    """``prefect server start`` (one per test module): unlike the test harness's server it runs
+    Prefect's services, among them the repossessor that frees expired concurrency leases every
+    15 s (a killed worker's slots come back only there)."""
+    from bench.night import start_prefect_server
+
+    server, url = start_prefect_server(tmp_path_factory.mktemp("real-prefect"))
+    try:
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -7,11 +7,9 @@ import concurrent.futures
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -568,20 +566,6 @@ async def hold():
 
 asyncio.run(hold())
 """
-
-
-@pytest.fixture(scope="module")
-def real_prefect_server(tmp_path_factory) -> Iterator[str]:
-    """``prefect server start``: unlike the test harness's server it runs Prefect's services,
-    among them the repossessor that frees expired concurrency leases every 15 s."""
-    from bench.night import start_prefect_server
-
-    server, url = start_prefect_server(tmp_path_factory.mktemp("real-prefect"))
-    try:
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 @pytest.mark.flow
